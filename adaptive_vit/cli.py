@@ -1,0 +1,115 @@
+"""The `adaptive-vit` command: LightningCLI with this tool's defaults and two extra subcommands.
+
+    adaptive-vit fit --config configs/demo/static.yaml
+    adaptive-vit test --config configs/demo/static.yaml --ckpt_path runs/.../best.ckpt
+    adaptive-vit flops --config configs/dvt_deit.yaml --format json
+    adaptive-vit benchmark --config configs/cfvit_deit.yaml --batch_sizes [1,64]
+
+Models and data are chosen by class name in the config (`model.class_path: CFViTLitModule`);
+`num_classes` is linked from the data to the model.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+# Imported so that configs can name every class by its short name.
+import adaptive_vit.callbacks  # noqa: F401
+import adaptive_vit.methods  # noqa: F401
+from adaptive_vit.data import ImageDataModule
+from adaptive_vit.methods.base import AdaptiveLitModule
+from adaptive_vit.trainer import AdaptiveTrainer
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    # The robustness callback needs gradients at test time.
+    "inference_mode": False,
+    "default_root_dir": "runs",
+    "logger": [
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+         "init_args": {"save_dir": "runs", "name": "adaptive-vit"}},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger",
+         "init_args": {"save_dir": "runs", "name": "adaptive-vit"}},
+    ],
+    "callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+         "init_args": {"logging_interval": "epoch"}},
+    ],
+}
+
+
+class AdaptiveViTCLI(LightningCLI):
+    """LightningCLI with checkpointing on val/top1, the run's config saved beside its logs,
+    `num_classes` linked from the data, and `flops` / `benchmark` subcommands."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            **LightningCLI.subcommands(),
+            "flops": {"model", "datamodule"},
+            "benchmark": {"model", "datamodule"},
+        }
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/top1",
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "best-{epoch:03d}",
+            "checkpoint.auto_insert_metric_name": False,
+            **{f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()},
+        })
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        _share_version_folder(self.trainer.loggers)
+
+    def _check_weights(self, subcommand: str) -> None:
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path and not self.model.has_trained_weights():
+            sys.exit(
+                f"adaptive-vit {subcommand}: no weights to evaluate. Pass --ckpt_path "
+                "(e.g. runs/<name>/version_0/checkpoints/last.ckpt, or `best`/`last` after a fit), "
+                "or configure trained weights (model.init_args.init_from: FILE, or a backbone with "
+                "pretrained: true | /path/to/weights). Refusing to evaluate random weights."
+            )
+
+    def before_test(self) -> None:
+        self._check_weights("test")
+
+    def before_validate(self) -> None:
+        self._check_weights("validate")
+
+
+def _share_version_folder(loggers: list[Any]) -> None:
+    """Loggers with the same save_dir and name but no explicit version each pick the next free
+    `version_N` on their own, and disagree once the first has made its folder: give them all the
+    first one's version, so a run is one folder (config, checkpoints, events and metrics.csv)."""
+    if len(loggers) < 2:
+        return
+    first = loggers[0]
+    for logger in loggers[1:]:
+        same_place = (logger.save_dir, logger.name) == (first.save_dir, first.name)
+        if same_place and getattr(logger, "_version", 0) is None:
+            logger._version = first.version  # CSVLogger/TensorBoardLogger have no setter
+
+
+def main(args: list[str] | None = None) -> AdaptiveViTCLI:
+    """Entry point of `adaptive-vit` (also `python -m adaptive_vit`)."""
+    return AdaptiveViTCLI(
+        model_class=AdaptiveLitModule,
+        datamodule_class=ImageDataModule,
+        trainer_class=AdaptiveTrainer,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        args=args,
+    )

@@ -1,0 +1,167 @@
+"""`AdaptiveTrainer`: Lightning's Trainer plus the `flops` and `benchmark` subcommands.
+
+LightningCLI turns a Trainer method's signature into a subcommand's arguments, so these two take
+`--config` like `fit` does and read the same model section. Neither loads data.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule, Trainer
+
+from adaptive_vit.backbones import set_fused_attn
+from adaptive_vit.flops import count_params
+from adaptive_vit.methods.base import AdaptiveLitModule, load_checkpoint_file
+
+
+class AdaptiveTrainer(Trainer):
+    """Lightning `Trainer` with `flops` and `benchmark`."""
+
+    def flops(
+        self,
+        model: AdaptiveLitModule,
+        datamodule: LightningDataModule | None = None,
+        format: Literal["table", "json"] = "table",
+    ) -> dict[str, Any]:
+        """Parameters and per-exit GFLOPs per image of the configured model (no data loaded).
+
+        Args:
+            model: the configured LightningModule.
+            datamodule: unused (the model's input size comes from its own configuration).
+            format: ``table`` for people, ``json`` for scripts.
+        """
+        net = model.net.eval()
+        cumulative = net.exit_gflops()
+        exits = [
+            {"name": name, "gflops": round(c - (cumulative[k - 1] if k else 0.0), 6),
+             "cumulative_gflops": round(c, 6)}
+            for k, (name, c) in enumerate(zip(net.exit_names, cumulative))
+        ]
+        report = {
+            "model": type(net).__name__,
+            "params_m": round(count_params(net) / 1e6, 4),
+            "exits": exits,
+            "static_gflops": round(net.static_gflops(), 6),
+        }
+        if format == "json":
+            print(json.dumps(report, indent=2))
+        else:
+            _print_table(
+                f"{report['model']}: {report['params_m']:.2f} M parameters, static backbone "
+                f"{report['static_gflops']:.3f} GFLOPs",
+                ["exit", "GFLOPs", "cumulative GFLOPs"],
+                [[e["name"], f"{e['gflops']:.3f}", f"{e['cumulative_gflops']:.3f}"] for e in exits],
+            )
+        return report
+
+    def benchmark(
+        self,
+        model: AdaptiveLitModule,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        batch_sizes: list[int] = [1, 64],  # noqa: B006 (jsonargparse needs a literal default)
+        repeats: int = 5,
+        warmup: int = 2,
+        fused_attn: bool | None = None,
+        format: Literal["table", "json"] = "table",
+        output: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Images/s and latency of the static backbone and of the method's adaptive inference.
+
+        Random input of the configured size, eval mode, no gradients; each figure is the median
+        of `repeats` timed runs after `warmup` untimed ones. Speed is measured as a ratio within
+        one run: `speedup` = static time / adaptive time, next to `flops_reduction` = static
+        GFLOPs / executed GFLOPs; `efficiency` = speedup / flops_reduction.
+
+        Args:
+            model: the configured LightningModule.
+            datamodule: unused.
+            ckpt_path: weights to load first (optional: speed does not depend on them, but
+                adaptive decisions may).
+            batch_sizes: batch sizes to measure.
+            repeats: timed runs per measurement.
+            warmup: untimed runs before timing.
+            fused_attn: attention kernel for both models (None: by device).
+            format: ``table`` or ``json``.
+            output: also write the rows as JSON to this file.
+        """
+        if ckpt_path:
+            checkpoint = load_checkpoint_file(ckpt_path)
+            model.on_load_checkpoint(checkpoint)
+            model.load_state_dict(checkpoint["state_dict"])
+        device = self.strategy.root_device
+        net = model.net.to(device).eval()
+        static = net.static_baseline().to(device).eval()
+        set_fused_attn(net, fused_attn)
+        set_fused_attn(static, fused_attn)
+        static_gflops = net.static_gflops()
+        rows = []
+        for batch_size in batch_sizes:
+            x = torch.randn(batch_size, *net.input_size(), device=device)
+            with torch.no_grad():
+                base_time = _median_time(lambda: static(x), repeats, warmup, device)
+                rows.append(_row("static", batch_size, base_time, base_time, static_gflops, static_gflops))
+                for label, run in net.benchmark_modes(x):
+                    gflops = float(run().gflops.mean())
+                    seconds = _median_time(run, repeats, warmup, device)
+                    rows.append(_row(label, batch_size, seconds, base_time, gflops, static_gflops))
+        for row in rows:
+            row.update(threads=torch.get_num_threads(), device=str(device), model=type(net).__name__)
+        if output:
+            with open(output, "w") as f:
+                json.dump(rows, f, indent=2)
+        if format == "json":
+            print(json.dumps(rows, indent=2))
+        else:
+            _print_table(
+                f"{type(net).__name__} on {device}, {torch.get_num_threads()} threads",
+                ["mode", "batch", "images/s", "latency ms", "GFLOPs", "FLOPs reduction", "speedup", "efficiency"],
+                [[r["mode"], r["batch_size"], f"{r['images_per_s']:.1f}", f"{r['latency_ms']:.1f}",
+                  f"{r['gflops']:.3f}", f"{r['flops_reduction']:.2f}x", f"{r['speedup']:.2f}x",
+                  f"{r['efficiency']:.2f}"] for r in rows],
+            )
+        return rows
+
+
+def _median_time(run: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        timed()
+    return statistics.median(timed() for _ in range(max(1, repeats)))
+
+
+def _row(mode: str, batch_size: int, seconds: float, base_seconds: float, gflops: float,
+         static_gflops: float) -> dict[str, Any]:
+    speedup = base_seconds / seconds
+    reduction = static_gflops / gflops
+    return {
+        "mode": mode, "batch_size": batch_size, "images_per_s": batch_size / seconds,
+        "latency_ms": 1000 * seconds, "gflops": gflops, "flops_reduction": reduction,
+        "speedup": speedup, "efficiency": speedup / reduction,
+    }
+
+
+def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in header:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(*(str(v) for v in row))
+    Console(width=140).print(table)
