@@ -1,6 +1,7 @@
-"""The methods, each a LightningModule on its own plain `nn.Module` network."""
+"""The methods, each a LightningModule on its own plain `nn.Module` network.
 
-from adaptive_vit.methods.base import AdaptiveLitModule
-from adaptive_vit.methods.static import StaticViTLitModule
+Imported here so that configs name them by class name (`class_path: CFViTLitModule`).
+"""
 
-__all__ = ["AdaptiveLitModule", "StaticViTLitModule"]
+from adaptive_vit.methods.base import AdaptiveLitModule  # noqa: F401
+from adaptive_vit.methods.static import StaticViTLitModule  # noqa: F401
