@@ -106,7 +106,9 @@ class Block(TimmBlock):
     """timm's pre-norm transformer block, with `tap` passed to its attention."""
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("attn_layer", Attention)
+        # VisionTransformer passes timm's plain Attention explicitly: swap in the tap-able one.
+        if kwargs.get("attn_layer") in (None, TimmAttention):
+            kwargs["attn_layer"] = Attention
         super().__init__(*args, **kwargs)
 
     def forward(
@@ -172,7 +174,9 @@ def create_vit(
                 f"state_dict for {name!r} (e.g. the file timm downloads to ~/.cache), or "
                 "`pretrained: false`."
             )
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=path))
+        # timm keeps the file's classifier only if the overlay states its class count.
+        overlay = dict(file=path, num_classes=_file_num_classes(path))
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
     else:
         kwargs["pretrained"] = bool(pretrained)
     try:
@@ -185,6 +189,10 @@ def create_vit(
                 f"{_first_lines(err)}. Use the backbone name these weights were trained as."
             ) from None
         raise
+    except TypeError as err:
+        if "block_fn" in str(err):  # a CNN or another architecture without transformer blocks
+            raise ValueError(f"{name!r} is not a timm VisionTransformer (it takes no block_fn).") from None
+        raise
     except OSError as err:  # hub download without a network, mostly
         if pretrained is True:
             raise RuntimeError(
@@ -196,6 +204,14 @@ def create_vit(
         raise ValueError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer.")
     set_fused_attn(model, fused_attn)
     return model
+
+
+def _file_num_classes(path: str) -> int:
+    """Rows of the classifier stored in a timm-layout weights file (0 if it has none)."""
+    from timm.models import load_state_dict
+
+    head = load_state_dict(path).get("head.weight")
+    return 0 if head is None else head.shape[0]
 
 
 def _check_name(name: str) -> None:
