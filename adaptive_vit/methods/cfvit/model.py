@@ -1,0 +1,287 @@
+"""CF-ViT: a coarse pass on a half-size image, then a fine pass that re-splits only the
+informative patches, both through one shared ViT (METHODS.md, "CF-ViT").
+
+Shapes: B images, C channels, g the coarse grid (Nc = g² coarse patches), p the patch side,
+D width, k = ⌈α·Nc⌉ informative patches, Nf = 4k + (Nc − k) fine-stage patch tokens.
+
+- Coarse stage: the image resized to half its side (bilinear, ``align_corners=True``, no
+  antialiasing, as the authors' weights expect), the shared patch embedding (Nc tokens), the
+  coarse position embedding, all blocks, norm, head → p_c. From block ``cls_attn_start`` on the
+  global class attention G ← β·G + (1−β)·a (a = the cls row of the attention, averaged over
+  heads, over patch keys; G starts at 0) is computed on the side of each block (``tap="cls"``),
+  so the blocks keep the fused attention kernel.
+- Fine stage: the top-k coarse patches by G are replaced by their 2×2 fine patches, embedded
+  from the full-resolution image (only those 4k patches are embedded) + the fine position
+  embedding + the feature-reuse term R = MLP(LN(z_c)) of their coarse output token (z_c after the
+  final norm; nearest ×2 upsampling = the same R for the four fine patches of a region). The
+  other Nc − k patches keep their coarse token (coarse embedding + coarse position embedding, no
+  reuse). The cls token takes the fine position embedding's first entry. Same blocks, norm, head.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp, resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from adaptive_vit.backbones import create_vit, vit_dims
+from adaptive_vit.flops import block_flops, mlp_flops, norm_flops, patch_embed_flops, vit_flops
+from adaptive_vit.methods.network import AdaptiveNetwork, AdaptiveOutput
+
+# fvcore counts 4 FLOPs per output element of a bilinear resize (aten::upsample_bilinear2d).
+BILINEAR_FLOPS_PER_ELEMENT = 4
+
+
+class CoarseOutput(NamedTuple):
+    """What the fine stage needs from the coarse stage (all indexed by image)."""
+
+    logits: Tensor  # (B, classes) p_c before softmax
+    features: Tensor  # (B, Nc, D) patch tokens after the final norm: the feature-reuse input
+    embedding: Tensor  # (B, Nc, D) coarse patch embedding + coarse position embedding
+    attention: Tensor | None  # (B, Nc) global class attention G (None when not tracked)
+
+    def index(self, rows: Tensor) -> CoarseOutput:
+        return CoarseOutput(*(None if t is None else t[rows] for t in self))
+
+
+def num_informative(alpha: float, coarse_patches: int) -> int:
+    """k = ⌈α·Nc⌉ (rounded first so that e.g. 0.3·10 = 3.0000000000000004 gives 3)."""
+    return math.ceil(round(alpha * coarse_patches, 9))
+
+
+def num_fine_tokens(alpha: float, coarse_patches: int) -> int:
+    """Nf = 4⌈α·Nc⌉ + ⌊(1−α)·Nc⌋ patch tokens in the fine stage (124 for g=7, α=0.5)."""
+    k = num_informative(alpha, coarse_patches)
+    return 4 * k + (coarse_patches - k)
+
+
+class CFViT(AdaptiveNetwork):
+    """Coarse-to-fine ViT over one shared timm VisionTransformer.
+
+    The timm model runs at full resolution (fine grid 2g×2g); its ``pos_embed`` is the fine
+    position embedding, and run on its own it is exactly the static backbone.
+
+    Args:
+        vit: a timm VisionTransformer with a cls token and token pooling whose patch grid is
+            square and even (2g×2g); built by `create_vit` so blocks can tap the cls row.
+        alpha: informative ratio α in (0, 1]: k = ⌈α·Nc⌉ patches are re-split.
+        beta: EMA factor β of the global class attention.
+        cls_attn_start: first block (0-based) whose class attention enters G.
+    """
+
+    exit_names = ("coarse", "fine")
+
+    def __init__(self, vit: VisionTransformer, alpha: float = 0.5, beta: float = 0.99,
+                 cls_attn_start: int = 3) -> None:
+        super().__init__()
+        _check_backbone(vit)
+        dims = vit_dims(vit)
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha (the informative ratio) must be in (0, 1], got {alpha}.")
+        if not 0 <= cls_attn_start < dims["depth"]:
+            raise ValueError(
+                f"cls_attn_start={cls_attn_start} must index one of the {dims['depth']} blocks "
+                f"(0..{dims['depth'] - 1}); the paper starts at 3 of 12."
+            )
+        self.vit = vit
+        self.vit.patch_embed.strict_img_size = False  # it also embeds the half-size image and crops
+        self.coarse_grid = vit.patch_embed.grid_size[0] // 2
+        self.alpha, self.beta, self.cls_attn_start = alpha, beta, cls_attn_start
+        dim = dims["dim"]
+        # Start from the fine embedding resampled to the coarse grid (meaningful for pretrained
+        # backbones; for a fresh backbone it is as random as the fine one).
+        self.coarse_pos_embed = nn.Parameter(resample_abs_pos_embed(
+            vit.pos_embed.detach(), (self.coarse_grid, self.coarse_grid), num_prefix_tokens=1
+        ))
+        self.reuse = nn.Sequential(
+            nn.LayerNorm(dim, eps=vit.norm.eps),
+            Mlp(dim, dims["mlp_hidden"], dim, act_layer=nn.GELU),
+        )
+        # Training forward: split every patch (True) or only the informative ones (False).
+        # The LitModule switches it at the configured epoch; inference always selects.
+        self.train_split_all = False
+
+    @classmethod
+    def from_name(cls, name: str, alpha: float = 0.5, beta: float = 0.99, cls_attn_start: int = 3,
+                  **vit_kwargs: Any) -> CFViT:
+        """Build on `create_vit(name, **vit_kwargs)` (img_size is the full, fine resolution)."""
+        return cls(create_vit(name, **vit_kwargs), alpha=alpha, beta=beta, cls_attn_start=cls_attn_start)
+
+    # ------------------------------------------------------------------ sizes
+
+    @property
+    def num_coarse(self) -> int:
+        return self.coarse_grid ** 2
+
+    @property
+    def num_informative(self) -> int:
+        return num_informative(self.alpha, self.num_coarse)
+
+    @property
+    def num_fine(self) -> int:
+        return num_fine_tokens(self.alpha, self.num_coarse)
+
+    def input_size(self) -> tuple[int, int, int]:
+        img = self.vit.patch_embed.img_size
+        return (self.vit.patch_embed.proj.in_channels, img[0], img[1])
+
+    # ------------------------------------------------------------------ stages
+
+    def coarse_stage(self, x: Tensor, track_attention: bool = True) -> CoarseOutput:
+        """Half-size image → Nc tokens → blocks → p_c, and G if `track_attention`.
+
+        Args:
+            x: (B, C, H, W) full-resolution (normalised) images.
+            track_attention: compute the global class attention (needed for selection).
+        """
+        half = (x.shape[-2] // 2, x.shape[-1] // 2)
+        small = F.interpolate(x, size=half, mode="bilinear", align_corners=True, antialias=False)
+        embedding = self.vit.patch_embed(small) + self.coarse_pos_embed[:, 1:]  # (B, Nc, D)
+        cls = (self.vit.cls_token + self.coarse_pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        tokens, attention = self._encode(torch.cat([cls, embedding], 1), track_attention)
+        return CoarseOutput(self.vit.forward_head(tokens), tokens[:, 1:], embedding, attention)
+
+    def fine_stage(self, x: Tensor, coarse: CoarseOutput, split_all: bool = False) -> Tensor:
+        """Re-split the informative (or, with `split_all`, every) patch → p_f (B, classes).
+
+        Args:
+            x: (B, C, H, W) full-resolution images (the same rows as `coarse`).
+            coarse: the coarse stage's output for these images.
+            split_all: re-split all Nc patches (first training phase) instead of the top-k.
+        """
+        informative, rest = self.select(coarse, split_all)  # (B, k), (B, Nc-k)
+        B, k = informative.shape
+        fine = self._embed_fine(x, informative)  # (B, k, 4, D)
+        reuse = self.reuse(_gather(coarse.features, informative))  # (B, k, D)
+        fine = (fine + reuse[:, :, None]).flatten(1, 2)  # (B, 4k, D)
+        cls = (self.vit.cls_token + self.vit.pos_embed[:, :1]).expand(B, -1, -1)
+        # Token order after cls does not matter (no position-dependent op past the embeddings).
+        tokens = torch.cat([cls, fine, _gather(coarse.embedding, rest)], 1)  # (B, 1+Nf, D)
+        tokens, _ = self._encode(tokens, track_attention=False)
+        return self.vit.forward_head(tokens)
+
+    def select(self, coarse: CoarseOutput, split_all: bool = False) -> tuple[Tensor, Tensor]:
+        """Coarse patch indices to re-split (B, k) — the top-k by G — and to keep (B, Nc−k)."""
+        B = coarse.features.shape[0]
+        if split_all:
+            everything = torch.arange(self.num_coarse, device=coarse.features.device).expand(B, -1)
+            return everything, everything[:, :0]
+        if coarse.attention is None:
+            raise ValueError("informative selection needs the global class attention: run "
+                             "coarse_stage(x, track_attention=True).")
+        order = coarse.attention.argsort(dim=1, descending=True)  # (B, Nc)
+        return order[:, :self.num_informative], order[:, self.num_informative:]
+
+    def _embed_fine(self, x: Tensor, informative: Tensor) -> Tensor:
+        """Embed only the 2×2 fine patches of the selected regions, with their position
+        embedding: (B, k, 4, D), the four in row-major order within each region."""
+        B, C, H, W = x.shape
+        g, k, side = self.coarse_grid, informative.shape[1], H // self.coarse_grid
+        regions = x.view(B, C, g, side, g, side).permute(0, 2, 4, 1, 3, 5)  # (B, g, g, C, 2p, 2p)
+        rows = torch.arange(B, device=x.device)[:, None]
+        crops = regions[rows, informative // g, informative % g]  # (B, k, C, 2p, 2p)
+        fine = self.vit.patch_embed(crops.reshape(B * k, C, side, side))  # (B*k, 4, D)
+        dim = fine.shape[-1]
+        pos = self.vit.pos_embed[0, 1:].view(g, 2, g, 2, dim).permute(0, 2, 1, 3, 4)
+        pos = pos.reshape(g * g, 4, dim)  # (Nc, 4, D): fine embedding by coarse region
+        return fine.view(B, k, 4, dim) + pos[informative]
+
+    def _encode(self, tokens: Tensor, track_attention: bool) -> tuple[Tensor, Tensor | None]:
+        """Blocks + final norm on (B, N, D) tokens; the EMA of the cls row from `cls_attn_start`."""
+        x = self.vit.norm_pre(self.vit.pos_drop(tokens))
+        attention = None
+        for index, block in enumerate(self.vit.blocks):
+            if not track_attention or index < self.cls_attn_start:
+                x = block(x)
+                continue
+            x, cls_row = block(x, tap="cls")  # cls_row (B, heads, N-1), post-softmax
+            a = cls_row.detach().float().mean(1)  # (B, N-1)
+            attention = (1 - self.beta) * a if attention is None else self.beta * attention + (1 - self.beta) * a
+        return self.vit.norm(x), attention
+
+    # ------------------------------------------------------------------ the contract
+
+    def forward_train(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(p_c, p_f) logits for every image; the fine stage as `train_split_all` says."""
+        coarse = self.coarse_stage(x, track_attention=not self.train_split_all)
+        return coarse.logits, self.fine_stage(x, coarse, split_all=self.train_split_all)
+
+    def forward_exits(self, x: Tensor) -> list[Tensor]:
+        coarse = self.coarse_stage(x)
+        return [coarse.logits, self.fine_stage(x, coarse)]
+
+    def forward_adaptive(self, x: Tensor, thresholds: Sequence[float]) -> AdaptiveOutput:
+        """Coarse stage for all; the fine stage only for the images with max p_c < η."""
+        coarse = self.coarse_stage(x)
+        confidence = coarse.logits.softmax(-1).amax(-1)  # (B,)
+        go_on = confidence < thresholds[0]
+        logits = coarse.logits.clone()
+        rows = go_on.nonzero().squeeze(1)  # (B',)
+        if rows.numel():
+            fine = self.fine_stage(x[rows], coarse.index(rows))
+            logits[rows] = fine.to(logits.dtype)
+        exit_index = go_on.long()
+        costs = torch.tensor(self.exit_gflops(), device=x.device)
+        return AdaptiveOutput(logits, exit_index, costs[exit_index])
+
+    # ------------------------------------------------------------------ costs
+
+    def exit_gflops(self) -> list[float]:
+        """[coarse, coarse + fine] GFLOPs per image, analytic (equal to fvcore's count).
+
+        Coarse: resize, patch embedding of Nc patches, blocks on 1+Nc tokens, norm, head.
+        Fine: patch embedding of the 4k re-split patches, the reuse LN + MLP on their k coarse
+        tokens, blocks on 1+Nf tokens, norm, head. The side-computed cls row (one query per
+        head, ~0.02 % of a block on the fused path, free on the explicit one) is not counted.
+        """
+        d = vit_dims(self.vit)
+        dim, channels, patch = d["dim"], d["in_chans"], d["patch_size"]
+        k = self.num_informative
+
+        def encoder(tokens: int) -> float:  # blocks, final norm, head on 1+tokens
+            blocks = d["depth"] * block_flops(1 + tokens, dim, d["num_heads"], d["mlp_hidden"])
+            return blocks + norm_flops(1 + tokens, dim) + dim * d["num_classes"]
+
+        half = self.input_size()[1] // 2
+        coarse = (BILINEAR_FLOPS_PER_ELEMENT * channels * half * half
+                  + patch_embed_flops(self.num_coarse, dim, patch, channels) + encoder(self.num_coarse))
+        fine = (patch_embed_flops(4 * k, dim, patch, channels)
+                + norm_flops(k, dim) + mlp_flops(k, dim, d["mlp_hidden"])
+                + encoder(self.num_fine))
+        return [coarse / 1e9, (coarse + fine) / 1e9]
+
+    def static_gflops(self) -> float:
+        """The plain backbone at full resolution (DeiT-S: 4.608)."""
+        return vit_flops(**vit_dims(self.vit)) / 1e9
+
+    def static_baseline(self) -> nn.Module:
+        """The shared timm ViT itself: run alone it is the plain backbone at full resolution."""
+        return self.vit
+
+
+def _gather(tokens: Tensor, index: Tensor) -> Tensor:
+    """tokens (B, N, D), index (B, n) → (B, n, D)."""
+    return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+
+
+def _check_backbone(vit: VisionTransformer) -> None:
+    grid = tuple(vit.patch_embed.grid_size)
+    if vit.cls_token is None or vit.num_prefix_tokens != 1 or vit.global_pool != "token":
+        raise ValueError(
+            "CF-ViT needs a ViT with one cls token and token pooling (class attention ranks the "
+            f"patches), got num_prefix_tokens={vit.num_prefix_tokens}, global_pool={vit.global_pool!r}. "
+            "Use a DeiT/ViT backbone such as deit_small_patch16_224."
+        )
+    if grid[0] != grid[1] or grid[0] % 2:
+        raise ValueError(
+            f"CF-ViT needs a square, even fine patch grid (2g×2g), got {grid}: set img_size to "
+            "2·g·patch_size (e.g. 224 for g=7 with 16-pixel patches, 288 for g=9)."
+        )
+    if getattr(vit, "no_embed_class", False) or vit.pos_embed is None:
+        raise ValueError("CF-ViT needs a learned position embedding that includes the cls token.")
