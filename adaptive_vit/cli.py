@@ -11,7 +11,9 @@ Models and data are chosen by class name in the config (`model.class_path: CFViT
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -66,6 +68,15 @@ class AdaptiveViTCLI(LightningCLI):
         })
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        # `flops` and `benchmark` measure one model in one process: a config written for 8 GPUs
+        # with DDP and AMP must still run them (on whatever device this machine has).
+        if self.subcommand in ("flops", "benchmark"):
+            trainer = self.config[self.subcommand].trainer
+            for key, value in {"accelerator": "auto", "devices": 1, "num_nodes": 1,
+                               "strategy": "auto", "precision": None, "logger": False}.items():
+                trainer[key] = value
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         _share_version_folder(self.trainer.loggers)
@@ -98,10 +109,38 @@ def _share_version_folder(loggers: list[Any]) -> None:
         same_place = (logger.save_dir, logger.name) == (first.save_dir, first.name)
         if same_place and getattr(logger, "_version", 0) is None:
             logger._version = first.version  # CSVLogger/TensorBoardLogger have no setter
+            # The CSV logger then warns that the (shared) folder is not empty; it only writes its
+            # own metrics.csv there, which is new in a new version folder.
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 def main(args: list[str] | None = None) -> AdaptiveViTCLI:
-    """Entry point of `adaptive-vit` (also `python -m adaptive_vit`)."""
+    """Entry point of `adaptive-vit` (also `python -m adaptive_vit`).
+
+    On the command line, a configuration mistake (a missing file, a bad value, a checkpoint that
+    does not fit) ends with its message and exit status 2 rather than a traceback; set
+    ADAPTIVE_VIT_DEBUG=1 for the traceback. Called with `args` (tests, scripts), errors propagate.
+    """
+    if args is not None or os.environ.get("ADAPTIVE_VIT_DEBUG"):
+        return _run(args)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"adaptive-vit: error: {_own_message(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _own_message(err: BaseException) -> str:
+    """The message an instantiation error carries, without jsonargparse's Union wrapping."""
+    text = str(err)
+    if not text.startswith("Does not validate against any of the Union subtypes"):
+        return text
+    reasons = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+    reasons = [r for r in reasons if not r.startswith("Expected a <class 'NoneType'>")]
+    return "\n".join(reasons) or text
+
+
+def _run(args: list[str] | None) -> AdaptiveViTCLI:
     return AdaptiveViTCLI(
         model_class=AdaptiveLitModule,
         datamodule_class=ImageDataModule,

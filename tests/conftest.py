@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,7 @@ def run_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from adaptive_vit.cli import main
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["adaptive-vit"])
 
     def run(*args: str):
         return main(list(args))

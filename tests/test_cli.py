@@ -1,0 +1,119 @@
+"""The `adaptive-vit` CLI end to end: fit → test on the saved checkpoint, configs, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import FAST_TRAINER, REPO, TINY_VIT
+
+STATIC = ["--config", str(REPO / "configs/demo/static.yaml")]
+
+
+def folder_data(root: Path) -> list[str]:
+    return ["--data.init_args.dataset", "folder", "--data.init_args.root", str(root),
+            "--data.init_args.auto_augment", "null"]
+
+
+def test_fit_then_test_on_class_folders(run_cli, image_folder: Path, tmp_path: Path) -> None:
+    run_cli("fit", *STATIC, *TINY_VIT, *FAST_TRAINER, *folder_data(image_folder))
+    run = tmp_path / "runs/demo_static/version_0"
+    assert (run / "checkpoints/last.ckpt").is_file()
+    assert (run / "metrics.csv").is_file() and list(run.glob("events.out.tfevents*"))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["inference_mode"] is False
+    assert yaml.safe_load((run / "hparams.yaml").read_text())["num_classes"] == 3  # linked from data
+
+    cli = run_cli("test", *STATIC, *TINY_VIT, *FAST_TRAINER, *folder_data(image_folder),
+                  "--ckpt_path", str(run / "checkpoints/last.ckpt"))
+    metrics = cli.trainer.callback_metrics
+    assert 0.0 <= float(metrics["test/top1"]) <= 1.0
+    assert float(metrics["test/gflops"]) == pytest.approx(cli.model.net.static_gflops(), rel=1e-5)
+
+
+def test_saved_config_reproduces_the_run(run_cli, image_folder: Path, tmp_path: Path) -> None:
+    run_cli("fit", *STATIC, *TINY_VIT, *FAST_TRAINER, *folder_data(image_folder))
+    first = tmp_path / "runs/demo_static/version_0"
+    cli = run_cli("fit", "--config", str(first / "config.yaml"))
+    second = Path(cli.trainer.log_dir)
+    assert second != first
+    import torch
+    a = torch.load(first / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(second / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:  # same seed, same data, same config: the same weights
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_demo_data_fit_and_test(run_cli, tmp_path: Path) -> None:
+    run_cli("fit", *STATIC, *FAST_TRAINER)
+    cli = run_cli("test", *STATIC, *FAST_TRAINER, "--ckpt_path",
+                  str(tmp_path / "runs/demo_static/version_0/checkpoints/last.ckpt"))
+    assert "test/top1" in cli.trainer.callback_metrics
+
+
+def test_test_without_weights_is_an_error(run_cli, capsys) -> None:
+    with pytest.raises(SystemExit, match="no weights to evaluate. Pass --ckpt_path"):
+        run_cli("test", *STATIC, *FAST_TRAINER)
+
+
+def test_init_from_missing_file_and_wrong_layout(run_cli, tmp_path: Path) -> None:
+    with pytest.raises((FileNotFoundError, ValueError), match="init_from: no such file"):
+        run_cli("test", *STATIC, *FAST_TRAINER, "--model.init_args.init_from", str(tmp_path / "nope.ckpt"))
+    import torch
+    torch.save({"something": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="does not fit StaticViT: missing keys"):
+        run_cli("test", *STATIC, *FAST_TRAINER, "--model.init_args.init_from", str(tmp_path / "other.pth"))
+
+
+def test_print_config(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "adaptive_vit", "fit", *STATIC, "--print_config"],
+                         capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    config = yaml.safe_load(out)
+    assert config["model"]["class_path"].endswith("StaticViTLitModule")
+    assert config["data"]["init_args"]["dataset"] == "demo"
+    assert config["checkpoint"]["monitor"] == "val/top1"
+
+
+def test_flops_json(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "adaptive_vit", "flops", "--config", str(REPO / "configs/static_deit.yaml"),
+         "--format", "json"], capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    report = json.loads(out[out.index("{"):])
+    assert report["model"] == "StaticViT"
+    assert report["static_gflops"] == pytest.approx(4.608, rel=5e-3)
+    assert [e["name"] for e in report["exits"]] == ["final"]
+    assert report["exits"][0]["cumulative_gflops"] == pytest.approx(report["static_gflops"])
+    assert report["params_m"] == pytest.approx(22.05, rel=1e-2)
+
+
+def test_benchmark_reports_ratios(run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    run_cli("benchmark", *STATIC, *TINY_VIT, "--batch_sizes", "[2]", "--repeats", "1", "--warmup", "0",
+            "--output", str(out), "--trainer.accelerator", "cpu")
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["static", "adaptive"]
+    assert all(r["images_per_s"] > 0 and r["threads"] >= 1 for r in rows)
+    assert rows[1]["flops_reduction"] == pytest.approx(1.0)
+
+
+def test_dockerfile_installs_the_package_and_entry_point() -> None:
+    docker = (REPO / "Dockerfile").read_text()
+    assert docker.splitlines()[[l.startswith("FROM") for l in docker.splitlines()].index(True)].startswith("FROM pytorch/pytorch:")
+    assert "pip install --no-cache-dir ." in docker and "--no-deps torchattacks" in docker
+    assert 'ENTRYPOINT ["adaptive-vit"]' in docker
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'adaptive-vit = "adaptive_vit.cli:main"' in pyproject
+
+
+def test_console_errors_are_one_message_not_a_traceback(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "adaptive_vit", "test", *STATIC, "--model.init_args.init_from",
+         str(tmp_path / "nope.ckpt")], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2
+    assert "init_from: no such file" in run.stderr and "Traceback" not in run.stderr
