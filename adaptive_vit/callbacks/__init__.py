@@ -1,0 +1,10 @@
+"""Callbacks around every method: threshold calibration, FLOPs-budget tracking, robustness.
+
+Imported by the CLI, so configs name them by short name (``class_path: ThresholdCalibration``).
+"""
+
+from adaptive_vit.callbacks.calibration import ThresholdCalibration
+from adaptive_vit.callbacks.flops_budget import FlopsBudgetTracker
+from adaptive_vit.callbacks.robustness import RobustnessEvaluation
+
+__all__ = ["FlopsBudgetTracker", "RobustnessEvaluation", "ThresholdCalibration"]

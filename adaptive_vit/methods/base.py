@@ -213,6 +213,44 @@ class AdaptiveLitModule(LightningModule):
             step["decisions"] = adaptive.decisions
         return step
 
+    def on_validation_start(self) -> None:
+        # While fitting, the calibration callback names the budget once it has calibrated one.
+        self.select_thresholds(strict=self.trainer.state.fn != "fit")
+
+    def on_test_start(self) -> None:
+        self.select_thresholds()
+
+    def on_predict_start(self) -> None:
+        self.select_thresholds()
+
+    def select_thresholds(self, default_budget: str | None = None, strict: bool = True) -> None:
+        """Set the network's exit thresholds, in this order of precedence: given by hand
+        (`thresholds`), the calibrated budget named by `budget`, then `default_budget`; with none
+        of them the current ones (e.g. the checkpoint's) stay.
+
+        Called at the start of validation, test and predict (after a checkpoint has been loaded,
+        whose thresholds would otherwise replace the ones given by hand) and by the calibration
+        callback.
+
+        Args:
+            default_budget: the calibrated budget to use when `budget` is not set.
+            strict: raise if the budget to use is not calibrated (else keep the thresholds).
+        """
+        if self.hparams.thresholds is not None:
+            self.net.set_thresholds(self.hparams.thresholds)
+            return
+        name = self.hparams.budget or default_budget
+        if name is None:
+            return
+        if name in self.calibrations:
+            self.net.set_thresholds(self.calibrations[name]["thresholds"])
+        elif strict:
+            raise ValueError(
+                f"budget {name!r} is not calibrated in this model; calibrated budgets: "
+                f"{sorted(self.calibrations) or 'none'}. Pick one of them, or calibrate it with the "
+                "ThresholdCalibration callback (during `fit`, or `validate --ckpt_path ...`)."
+            )
+
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
 
