@@ -6,3 +6,4 @@ Imported here so that configs name them by class name (`class_path: CFViTLitModu
 from adaptive_vit.methods.base import AdaptiveLitModule  # noqa: F401
 from adaptive_vit.methods.static import StaticViTLitModule  # noqa: F401
 from adaptive_vit.methods.cfvit.lit import CFViTLitModule  # noqa: F401
+from adaptive_vit.methods.dvt.lit import DVTLitModule  # noqa: F401
