@@ -290,9 +290,9 @@ def _all_gather_ragged(pl_module: LightningModule, tensors: dict[str, Tensor]) -
     size = max(counts)
     out = {}
     for key, value in tensors.items():
-        padded = value.new_zeros((size, *value.shape[1:]))
-        padded[:count] = value
-        gathered = pl_module.all_gather(padded)  # (W, size, ...)
+        padded = value.new_zeros((size, *value.shape[1:]), dtype=torch.uint8 if value.dtype == torch.bool else None)
+        padded[:count] = value  # bool as uint8: not every backend gathers bool
+        gathered = pl_module.all_gather(padded).to(value.dtype)  # (W, size, ...)
         out[key] = torch.cat([gathered[rank, :n] for rank, n in enumerate(counts)])
     return out
 
