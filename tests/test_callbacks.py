@@ -326,3 +326,22 @@ def test_robustness_default_is_mia_former_setting():
     assert [RobustnessEvaluation.label(s) for s in callback.specs] == ["pgd_eps0.002", "fgsm_eps0.03"]
     assert callback.specs[0]["alpha"] == pytest.approx(0.0005) and callback.specs[0]["steps"] == 10
     assert math.isclose(RobustnessEvaluation(attacks=[{"name": "PGD", "eps": 0.01}]).specs[0]["alpha"], 0.0025)
+
+
+# ---------------------------------------------------------------------- all three from YAML
+
+
+def test_static_demo_config_runs_all_callbacks_from_yaml(tmp_path, run_cli, image_folder):
+    keep_callbacks = [a for i, a in enumerate(FAST_TRAINER)
+                      if not {a, FAST_TRAINER[i - 1]} & {"--trainer.callbacks", "--trainer.enable_progress_bar"}]
+    common = ["--config", str(REPO / "configs/demo/static.yaml"), *TINY_VIT, *keep_callbacks,
+              "--data.init_args.dataset", "folder", "--data.init_args.root", str(image_folder)]
+    fit = run_cli("fit", *common)
+    names = [type(c).__name__ for c in fit.trainer.callbacks]
+    assert {"FlopsBudgetTracker", "ThresholdCalibration", "RobustnessEvaluation", "RichProgressBar"} <= set(names)
+    (run,) = (tmp_path / "runs").glob("*/version_0")
+    test = run_cli("test", *common, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    metrics = test.trainer.callback_metrics
+    assert {"test/robust/clean_top1", "test/robust/pgd_eps0.002/top1", "test/robust/fgsm_eps0.03/top1"} <= set(metrics)
+    assert metrics["test/robust/clean_top1"].item() == pytest.approx(metrics["test/top1"].item())
+    assert metrics["test/flops/ratio"].item() == pytest.approx(1.0)
