@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
@@ -163,7 +162,16 @@ def test_calibration_solves_stores_selects_and_writes(tmp_path, data_root, train
     assert [r["name"] for r in rows][:3] == ["gflops_1.8", "fraction_0.5", "match_accuracy"]
     assert float(rows[0]["accuracy"]) == pytest.approx(expected[0].accuracy)
     assert (log_dir / "budget_curve.png").stat().st_size > 1000
-    assert (log_dir / "calibrated.ckpt").is_file()
+    # `validate` saved the calibrated model: `test` on it uses a calibrated budget by name
+    fresh = tiny_model(budget="gflops_1.8")
+    trainer(tmp_path / "test", []).test(fresh, datamodule(data_root), ckpt_path=str(log_dir / "calibrated.ckpt"))
+    assert fresh.net.exit_thresholds.tolist() == pytest.approx(cal["gflops_1.8"]["thresholds"])
+
+
+def test_calibration_rejects_a_budget_it_does_not_calibrate(tmp_path, data_root):
+    with pytest.raises(ValueError, match=r"the model's budget 'fraction_0.9' is not one ThresholdCalibration"):
+        trainer(tmp_path, [ThresholdCalibration(budget_fractions=[0.5])]).validate(
+            tiny_model(budget="fraction_0.9"), datamodule(data_root))
 
 
 def test_calibration_rejects_impossible_budget(tmp_path, data_root):
@@ -269,20 +277,6 @@ def test_flops_budget_stops_when_asked(tmp_path, data_root):
     assert fit.current_epoch == 1
 
 
-def test_flops_budget_on_static_model_is_ratio_one(tmp_path, run_cli, image_folder):
-    config = tmp_path / "callbacks.yaml"
-    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [
-        {"class_path": "FlopsBudgetTracker", "init_args": {"target_gflops": 1.0}},
-    ]}}))
-    run_cli("fit", "--config", str(REPO / "configs/demo/static.yaml"), *TINY_VIT, *FAST_TRAINER,
-            "--data.init_args.dataset", "folder", "--data.init_args.root", str(image_folder),
-            "--config", str(config))
-    (csv_path,) = (tmp_path / "runs").glob("*/version_0/flops_budget.csv")
-    rows = read_rows(csv_path)
-    assert {r["stage"] for r in rows} == {"train", "val"}
-    assert all(float(r["ratio"]) == pytest.approx(1.0) for r in rows)
-
-
 # ---------------------------------------------------------------------- robustness
 
 
@@ -345,3 +339,6 @@ def test_static_demo_config_runs_all_callbacks_from_yaml(tmp_path, run_cli, imag
     assert {"test/robust/clean_top1", "test/robust/pgd_eps0.002/top1", "test/robust/fgsm_eps0.03/top1"} <= set(metrics)
     assert metrics["test/robust/clean_top1"].item() == pytest.approx(metrics["test/top1"].item())
     assert metrics["test/flops/ratio"].item() == pytest.approx(1.0)
+    rows = read_rows(run / "flops_budget.csv")  # the static model: ratio 1.0, train and eval
+    assert {r["stage"] for r in rows} == {"train", "val"}
+    assert all(float(r["ratio"]) == pytest.approx(1.0) for r in rows)

@@ -101,6 +101,14 @@ class ThresholdCalibration(Callback):
         if net.num_exits == 1:
             rank_zero_info(f"ThresholdCalibration: {type(net).__name__} has a single exit, nothing to calibrate.")
             return
+        budget = pl_module.hparams.get("budget")
+        names = [*self.targets, *(f"curve_{i:02d}" for i in range(self.curve_points))]
+        if stage in self.stages and budget and budget not in names:
+            raise ValueError(
+                f"the model's budget {budget!r} is not one ThresholdCalibration calibrates "
+                f"({', '.join(self.targets)}, curve_00..curve_{self.curve_points - 1:02d}); "
+                "add it to the callback's budgets or pick one of those."
+            )
         exit_gflops = net.exit_gflops()
         for name, (kind, value) in self.targets.items():
             gflops = self._budget(kind, value, exit_gflops)
