@@ -37,10 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.mixup import mixup_target
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
 __all__ = ["DATASETS", "ImageDataModule", "UnreadableImageWarning"]
@@ -431,10 +432,25 @@ class ImageDataModule(LightningDataModule):
             self._datasets[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=None if split == "train" else self._eval_sampler(self._datasets[split]),
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.accelerator.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
+
+    def _eval_sampler(self, dataset: Dataset) -> Sampler | None:
+        """Under DDP, every evaluation image exactly once across ranks.
+
+        Lightning's default DistributedSampler pads the last rank with repeated images so that
+        all ranks have as many; accuracy, mean GFLOPs and exit histograms would then count those
+        twice. Ranks may get one image fewer instead (torchmetrics syncs uneven counts fine).
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        return UnrepeatedDistributedSampler(
+            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
         )
 
     def _transform(self, split: str) -> Transform:
