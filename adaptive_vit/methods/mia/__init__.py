@@ -1,0 +1,3 @@
+"""MIA-Former: skip blocks, heads and tokens per image with a light controller (METHODS.md)."""
+
+from adaptive_vit.methods.mia.model import Decisions, MIAFormer  # noqa: F401

@@ -1,0 +1,188 @@
+"""The MIA-Block: one timm `Block` run under block, head and token decisions.
+
+Both paths read the timm block's own weights (norm1, attn.qkv/proj, norm2, mlp.fc1/fc2), so the
+backbone's state_dict layout is unchanged and a static checkpoint loads as is.
+
+Semantics (METHODS.md "MIA-Block"):
+- block skipped → identity;
+- attention: q, k, v only for the active heads, attention only among the kept tokens, the proj
+  reads the active heads' outputs and writes all D channels (cost linear in the heads);
+- MLP with head-grouped channels: channel c belongs to head c // E, hidden unit j to group
+  j // (M/H); fc1 reads only the active groups' channels and computes only their hidden units,
+  fc2 writes only the active groups' channels (cost ∝ (h/H)²);
+- inactive channels and dropped tokens keep their residual value; the cls token is always kept.
+
+`masked_block` (training) applies this with multiplicative masks, so straight-through gradients
+reach the controller; `sliced_block` (inference) saves the compute for real: it gathers the kept
+tokens, slices the active heads' weights and runs only the images that execute the block, grouping
+images with the same head pattern (one group at batch size 1).
+
+Decision: a block executed with zero active heads still adds its proj bias to the kept tokens
+(that is what the masked formula, eq. 4 of the paper, computes) and nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def masked_block(block: nn.Module, x: Tensor, executed: Tensor, heads: Tensor, tokens: Tensor) -> Tensor:
+    """Training path: every decision applied as a multiplicative mask.
+
+    Args:
+        block: a `backbones.Block`.
+        x: (B, T, D) input, T = 1 + N.
+        executed: (B,) 1 = run the block, 0 = identity.
+        heads: (B, H) 1 = head active.
+        tokens: (B, T) 1 = token kept (cls included, always 1).
+
+    Returns:
+        (B, T, D) output.
+    """
+    attn, mlp = block.attn, block.mlp
+    B, T, D = x.shape
+    H, E = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(block.norm1(x)).reshape(B, T, 3, H, E).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (B, H, T, E)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, T, T)
+    # DynamicViT's masked softmax: key j is visible to query i if kept, or if j == i (a dropped
+    # query still attends to itself, so every row has a non-zero sum); differentiable in `tokens`.
+    eye = torch.eye(T, device=x.device, dtype=x.dtype)
+    visible = tokens[:, None, None, :] + (1 - tokens[:, None, None, :]) * eye  # (B, 1, T, T)
+    top = logits.masked_fill(visible == 0, float("-inf")).amax(-1, keepdim=True).detach()
+    weights = (logits - top).exp() * visible
+    weights = attn.attn_drop(weights / weights.sum(-1, keepdim=True))
+    out = (weights @ v) * heads[:, :, None, None]  # inactive heads contribute nothing
+    out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(B, T, D))))
+    gate = (executed[:, None] * tokens)[..., None]  # (B, T, 1): dropped tokens keep their residual
+    x = x + block.drop_path1(block.ls1(out)) * gate
+
+    channels = heads.repeat_interleave(E, dim=1)[:, None, :]  # (B, 1, D)
+    hidden = heads.repeat_interleave(mlp.fc1.out_features // H, dim=1)[:, None, :]  # (B, 1, M)
+    h = mlp.drop1(mlp.act(mlp.fc1(block.norm2(x) * channels)) * hidden)
+    out = mlp.drop2(mlp.fc2(mlp.norm(h)) * channels)
+    return x + block.drop_path2(block.ls2(out)) * gate
+
+
+def sliced_block(block: nn.Module, x: Tensor, samples: Tensor, heads: Tensor, tokens: Tensor) -> Tensor:
+    """Inference path: only the executing images, kept tokens and active heads are computed.
+
+    Args:
+        block: a `backbones.Block` in eval mode.
+        x: (B, T, D) input.
+        samples: (G,) long, the images that execute the block.
+        heads: (G, H) bool, their active heads.
+        tokens: (G, N) bool, their kept patch tokens.
+
+    Returns:
+        (B, T, D) output (skipping images unchanged).
+    """
+    if samples.numel() == 0:
+        return x
+    out = x.clone()
+    H = heads.shape[1]
+    pattern = (heads.long() << torch.arange(H, device=x.device)).sum(1)  # (G,) head set as bits
+    for key in pattern.unique().tolist():
+        members = (pattern == key).nonzero()[:, 0]
+        active = heads[members[0]].nonzero()[:, 0]
+        group = samples[members]
+        xs, index, valid = gather_tokens(x[group], tokens[members])
+        delta = _sliced_delta(block, xs, None if len(active) == H else active, valid)
+        out[group] += scatter_tokens(delta, index, valid, x.shape[1])
+    return out
+
+
+def gather_tokens(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The cls token and the kept patch tokens of each image, first, in order.
+
+    Args:
+        x: (g, T, D).
+        keep: (g, N) bool.
+
+    Returns:
+        (g, t, D) gathered tokens with t = the largest kept count + 1; (g, T) permutation that
+        lists every image's kept tokens first (None if all are kept); (g, t) bool validity of
+        the gathered rows (None when every image keeps the same number).
+    """
+    g, T, D = x.shape
+    full = torch.cat([keep.new_ones(g, 1), keep], dim=1)  # (g, T)
+    counts = full.sum(1)
+    if bool((counts == T).all()):
+        return x, None, None
+    t = int(counts.max())
+    index = torch.argsort((~full).to(torch.uint8), dim=1, stable=True)  # kept first, in order
+    gathered = x.gather(1, index[:, :t, None].expand(-1, -1, D))
+    valid = None if bool((counts == t).all()) else torch.arange(t, device=x.device) < counts[:, None]
+    return gathered, index, valid
+
+
+def scatter_tokens(delta: Tensor, index: Tensor | None, valid: Tensor | None, tokens: int) -> Tensor:
+    """Inverse of `gather_tokens` for a residual update: (g, t, D) → (g, T, D), zeros elsewhere.
+
+    Padding rows map to distinct dropped-token positions (the permutation's tail) and are zeroed."""
+    if index is None:
+        return delta
+    if valid is not None:
+        delta = delta * valid[..., None]
+    t = delta.shape[1]
+    full = delta.new_zeros(delta.shape[0], tokens, delta.shape[2])
+    return full.scatter(1, index[:, :t, None].expand(-1, -1, delta.shape[2]), delta)
+
+
+def _head_rows(active: Tensor, width: int) -> Tensor:
+    """Indices of the `width`-wide slices of the given heads: (k,) → (k·width,)."""
+    return (active[:, None] * width + torch.arange(width, device=active.device)).reshape(-1)
+
+
+def _sliced_delta(block: nn.Module, x: Tensor, active: Tensor | None, valid: Tensor | None) -> Tensor:
+    """Residual update (attention + MLP) of a group sharing one head set.
+
+    Args:
+        block: the timm block.
+        x: (g, t, D) gathered tokens.
+        active: (k,) active head indices, None = all heads (full weights, no slicing).
+        valid: (g, t) bool, False on padding rows (masked out as keys), or None.
+    """
+    attn, mlp = block.attn, block.mlp
+    g, t, D = x.shape
+    H, E = attn.num_heads, attn.head_dim
+    if active is not None and active.numel() == 0:
+        bias = attn.proj.bias
+        return x.new_zeros(g, t, D) if bias is None else bias.expand(g, t, D)
+    k = H if active is None else active.numel()
+    w_qkv, b_qkv = attn.qkv.weight, attn.qkv.bias
+    w_proj = attn.proj.weight
+    if active is not None:
+        channels = _head_rows(active, E)  # (kE,)
+        rows = torch.cat([channels + part * D for part in range(3)])  # q, k, v rows of these heads
+        w_qkv = w_qkv.index_select(0, rows)
+        b_qkv = None if b_qkv is None else b_qkv.index_select(0, rows)
+        w_proj = w_proj.index_select(1, channels)
+    qkv = F.linear(block.norm1(x), w_qkv, b_qkv).reshape(g, t, 3, k, E).permute(2, 0, 3, 1, 4)
+    q, key, v = qkv.unbind(0)  # (g, k, t, E)
+    q, key = attn.q_norm(q), attn.k_norm(key)
+    mask = None
+    if valid is not None:  # padding rows are not keys
+        mask = torch.zeros(g, 1, 1, t, device=x.device, dtype=q.dtype).masked_fill(~valid[:, None, None, :], float("-inf"))
+    if attn._use_fused(x):
+        o = F.scaled_dot_product_attention(q, key, v, attn_mask=mask)
+    else:
+        logits = (q * attn.scale) @ key.transpose(-2, -1)
+        if mask is not None:
+            logits = logits + mask
+        o = logits.softmax(-1) @ v
+    a = F.linear(o.transpose(1, 2).reshape(g, t, k * E), w_proj, attn.proj.bias)  # writes all D
+    y = block.norm2(x + a)
+    if active is None:
+        return a + mlp(y)
+    group = mlp.fc1.out_features // H
+    hidden = _head_rows(active, group)  # (k·M/H,)
+    w1 = mlp.fc1.weight.index_select(0, hidden).index_select(1, channels)
+    b1 = None if mlp.fc1.bias is None else mlp.fc1.bias.index_select(0, hidden)
+    w2 = mlp.fc2.weight.index_select(0, channels).index_select(1, hidden)
+    b2 = None if mlp.fc2.bias is None else mlp.fc2.bias.index_select(0, channels)
+    m = F.linear(mlp.act(F.linear(y.index_select(-1, channels), w1, b1)), w2, b2)  # (g, t, kE)
+    return a.index_add(-1, channels, m)  # fc2 writes only the active groups' channels

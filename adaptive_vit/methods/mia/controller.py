@@ -1,0 +1,207 @@
+"""The MIA-Controller: before every block, logits to skip the block, its heads and its tokens.
+
+Paper (Sec. 3.2) and METHODS.md "MIA-Former":
+
+- block/head branch: the patch tokens as a (B, D, √N, √N) map → CNN_b (two 3×3 convolutions
+  D → D/4 → D/4 with activations, then global average pooling) → F_b of width D/4 = H·E'
+  (E' = E/4); FC_b: F_b → 2 logits (skip, keep); FC_h1: F_b → H·E'; FC_h2 per head: E' → 2;
+- token branch (DynamicViT-style): per token LN → Linear(D, D/4) → GELU → Linear(D/4, D/4),
+  a pooled global feature concatenated, FC_n: 2 logits per patch token (the cls token is never
+  decided: it is always kept).
+
+Decision (METHODS.md, to keep the controllers ≤ 5 % of the backbone): the map is average-pooled
+to `pool`×`pool` (4×4) before CNN_b. At the full 14×14 resolution the two convolutions would cost
+≈ 1 GFLOP over DeiT-S's 12 blocks (≈ 24 %); pooled they cost ≈ 0.08 GFLOPs.
+
+Decision: GELU after each convolution and in the token MLP (the paper says "activations" and
+DynamicViT uses GELU). Decision: the token branch's global feature is the mean of F_n over the
+patch tokens (DynamicViT concatenates a pooled feature the same way), on by default.
+
+Logit index 1 means "keep/execute", index 0 "skip". For A2C (stage 3) every last layer (FC_b,
+FC_h2, FC_n) has a parallel critic head (one value per decision); the actor is the FC itself.
+The critics exist in every stage (so checkpoints of all stages share one layout) but only stage 3
+uses and trains them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ControllerOutput(NamedTuple):
+    """Raw controller outputs; a switched-off dimension has None."""
+
+    block: Tensor | None  # (B, 2) logits (skip, keep)
+    heads: Tensor | None  # (B, H, 2)
+    tokens: Tensor | None  # (B, N, 2), patch tokens only
+    values: dict[str, Tensor] | None = None  # critic values: block (B,), heads (B, H), tokens (B, N)
+
+
+class PerHeadLinear(nn.Module):
+    """One small linear layer per head: (B, H, in) → (B, H, out) (FC_h2 and its critic).
+
+    A batched matmul over the heads, so fvcore counts it as H·in·out per image.
+
+    Args:
+        num_heads: H.
+        in_features: per-head input width (E').
+        out_features: per-head outputs.
+    """
+
+    def __init__(self, num_heads: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_heads, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(num_heads, out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default init, per head
+        bound = 1 / math.sqrt(self.weight.shape[1])
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # (H, B, in) @ (H, in, out) → (H, B, out) → (B, H, out)
+        return (x.transpose(0, 1) @ self.weight).transpose(0, 1) + self.bias
+
+
+class MIAController(nn.Module):
+    """Controller l: logits for block l's block, head and token decisions.
+
+    Args:
+        dim: token width D.
+        num_heads: H.
+        grid: patch grid (rows, cols), N = rows·cols.
+        pool: side of the pooled map CNN_b reads (4 → 4×4), clipped to the grid.
+        skip_blocks: decide whether to skip the block (off: never skipped, no FC_b).
+        skip_heads: decide each head (off: all heads run, no FC_h1/FC_h2).
+        skip_tokens: decide each patch token (off: all tokens run, no token branch).
+        token_global: concatenate the mean token feature to each token's (DynamicViT).
+        init_keep_bias: initial bias towards "keep" on every decision's logits (0: unbiased).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        grid: tuple[int, int],
+        pool: int = 4,
+        skip_blocks: bool = True,
+        skip_heads: bool = True,
+        skip_tokens: bool = True,
+        token_global: bool = True,
+        init_keep_bias: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % (4 * num_heads):
+            raise ValueError(f"MIA-Former needs the width ({dim}) divisible by 4·heads ({4 * num_heads}): E' = E/4.")
+        self.dim, self.num_heads, self.grid = dim, num_heads, tuple(grid)
+        self.pool_size = (min(pool, grid[0]), min(pool, grid[1]))
+        self.reduced = dim // 4  # D/4 = H·E'
+        self.head_reduced = self.reduced // num_heads  # E'
+        self.skip_blocks, self.skip_heads, self.skip_tokens = skip_blocks, skip_heads, skip_tokens
+        self.token_global = token_global
+        r, e = self.reduced, self.head_reduced
+        if skip_blocks or skip_heads:
+            self.cnn = nn.Sequential(
+                nn.AdaptiveAvgPool2d(self.pool_size),
+                nn.Conv2d(dim, r, 3, padding=1), nn.GELU(),
+                nn.Conv2d(r, r, 3, padding=1), nn.GELU(),
+            )
+        if skip_blocks:
+            self.fc_b = nn.Linear(r, 2)
+            self.critic_b = nn.Linear(r, 1)
+        if skip_heads:
+            self.fc_h1 = nn.Linear(r, num_heads * e)
+            self.fc_h2 = PerHeadLinear(num_heads, e, 2)
+            self.critic_h = PerHeadLinear(num_heads, e, 1)
+        if skip_tokens:
+            self.mlp_n = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, r), nn.GELU(), nn.Linear(r, r), nn.GELU())
+            token_in = 2 * r if token_global else r
+            self.fc_n = nn.Linear(token_in, 2)
+            self.critic_n = nn.Linear(token_in, 1)
+        self.init_keep_bias = init_keep_bias
+        self._bias_towards_keep()
+
+    def _bias_towards_keep(self) -> None:
+        with torch.no_grad():
+            for fc in self.actors():
+                fc.bias[..., 1] += self.init_keep_bias
+
+    def actors(self) -> list[nn.Module]:
+        """The last layer of each enabled branch (FC_b, FC_h2, FC_n): the A2C actors."""
+        return [getattr(self, n) for n in ("fc_b", "fc_h2", "fc_n") if hasattr(self, n)]
+
+    def critics(self) -> list[nn.Module]:
+        return [getattr(self, n) for n in ("critic_b", "critic_h", "critic_n") if hasattr(self, n)]
+
+    def features(self, x: Tensor) -> Tensor:
+        """F_b: (B, 1+N, D) → (B, D/4) (CNN_b on the pooled patch map, then global mean)."""
+        patches = x[:, 1:].transpose(1, 2).reshape(x.shape[0], self.dim, *self.grid)
+        return self.cnn(patches).mean(dim=(2, 3))
+
+    def block_logits(self, f_b: Tensor) -> Tensor:
+        return self.fc_b(f_b)  # (B, 2)
+
+    def head_features(self, f_b: Tensor) -> Tensor:
+        return self.fc_h1(f_b).reshape(f_b.shape[0], self.num_heads, self.head_reduced)  # (B, H, E')
+
+    def token_features(self, x: Tensor) -> Tensor:
+        """(B, 1+N, D) → (B, N, D/4 or D/2): per patch token, plus the global mean feature."""
+        f = self.mlp_n(x[:, 1:])
+        if self.token_global:
+            f = torch.cat([f, f.mean(dim=1, keepdim=True).expand_as(f)], dim=-1)
+        return f
+
+    def forward(self, x: Tensor, with_values: bool = False) -> ControllerOutput:
+        """All enabled branches on every sample (the masked training path).
+
+        Args:
+            x: block input (B, 1+N, D).
+            with_values: also run the critic heads (A2C, stage 3).
+        """
+        f_b = self.features(x) if hasattr(self, "cnn") else None
+        f_h = self.head_features(f_b) if self.skip_heads else None
+        f_n = self.token_features(x) if self.skip_tokens else None
+        values = None
+        if with_values:
+            values = {}
+            if self.skip_blocks:
+                values["block"] = self.critic_b(f_b)[:, 0]
+            if self.skip_heads:
+                values["heads"] = self.critic_h(f_h)[..., 0]
+            if self.skip_tokens:
+                values["tokens"] = self.critic_n(f_n)[..., 0]
+        return ControllerOutput(
+            block=self.fc_b(f_b) if self.skip_blocks else None,
+            heads=self.fc_h2(f_h) if self.skip_heads else None,
+            tokens=self.fc_n(f_n) if self.skip_tokens else None,
+            values=values,
+        )
+
+
+def decide(logits: Tensor, mode: str, tau: float = 1.0) -> Tensor:
+    """Keep-masks from (…, 2) logits.
+
+    Args:
+        logits: (..., 2) (skip, keep).
+        mode: ``gumbel`` (hard Gumbel-softmax with straight-through gradients, training),
+            ``argmax`` (deterministic, eval) or ``sample`` (an action drawn from the policy,
+            no gradient: A2C).
+        tau: Gumbel-softmax temperature.
+
+    Returns:
+        (...) float mask, 1 = keep.
+    """
+    if mode == "gumbel":
+        return F.gumbel_softmax(logits.float(), tau=tau, hard=True)[..., 1].to(logits.dtype)
+    if mode == "argmax":
+        return (logits[..., 1] > logits[..., 0]).to(logits.dtype)
+    if mode == "sample":
+        return torch.distributions.Categorical(logits=logits.float()).sample().to(logits.dtype)
+    raise ValueError(f"unknown decision mode {mode!r}: use 'gumbel', 'argmax' or 'sample'.")

@@ -1,0 +1,362 @@
+"""`MIALitModule`: MIA-Former's three training stages (METHODS.md "Training, three stages").
+
+Phases (an epoch belongs to exactly one):
+
+- ``1``  controller pretraining: blocks frozen, Adam (lr `stage1_lr`), loss
+  Σ_l [(1−D_b) + mean(1−D_h) + mean(1−D_n)] on hard Gumbel straight-through masks;
+- ``2``  co-training: L = CE + α·FLOPs_exec/FLOPs_total, α = ±0.1·CE/L_cost (detached), + when
+  the batch's mean executed GFLOPs is above `target_gflops`, − below; AdamW with `lr_blocks` for
+  the backbone and `lr_controller` for the controllers;
+- ``3a`` A2C, agent only: the controllers (actors = FC_b/FC_h2/FC_n, plus their critics) learn
+  from R = 1[correct] + β·(target − exec)/total, everything else frozen;
+- ``3j`` A2C, joint: as 3a, and the blocks learn the task loss under the sampled policies.
+
+`stage` picks the first stage; `stage_epochs` = [e1, e2, e3_agent, e3_joint] runs the stages
+from `stage` on inside one `fit`, switching (and re-creating the optimiser) at epoch
+boundaries. Without `stage_epochs` a run is the single stage `stage` for all its epochs (stage 3:
+`agent_epochs` agent-only epochs first). `init_from` starts a stage from an earlier stage's
+checkpoint, or stage 1 (or 2) from a `StaticViTLitModule` checkpoint (controllers built fresh).
+Entering stage 3 from weights that never had it re-initialises each controller weight entry with
+probability 1 − `inherit_fraction` and the critics entirely (the paper's 75 % inheritance).
+
+Note: a pipeline run changes which parameters train at stage boundaries; under DDP use
+``strategy: ddp_find_unused_parameters_true`` for it (single-stage runs work with plain ddp).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adaptive_vit.methods.base import AdaptiveLitModule
+from adaptive_vit.methods.mia.controller import MIAController
+from adaptive_vit.methods.mia.model import DIMENSIONS, MaskedOutput, MIAFormer
+
+PHASES = ("1", "2", "3a", "3j")
+
+
+class PolicyTerm(NamedTuple):
+    """One kind of decision of one block, for A2C."""
+
+    logits: Tensor  # (B, k, 2)
+    actions: Tensor  # (B, k) 0/1
+    values: Tensor  # (B, k) critic values
+    weight: Tensor  # (B, k) 1 where the decision was actually taken (its block executed)
+
+
+class MIALitModule(AdaptiveLitModule):
+    """MIA-Former on a timm ViT, trained in three stages.
+
+    Args:
+        backbone: timm VisionTransformer name, e.g. ``deit_small_patch16_224``.
+        pretrained: False, True (timm download) or a local weights file for the backbone.
+        img_size: input side (None: the backbone's default).
+        patch_size: patch side (None: the backbone's default).
+        drop_path_rate: stochastic depth of the backbone.
+        fused_attn: attention kernel (True SDPA, False explicit, None by device).
+        vit_kwargs: further timm arguments (``{embed_dim: 64, depth: 4, num_heads: 4}``).
+        skip_blocks: let the controllers skip blocks (the paper's Table 2 ablation switches).
+        skip_heads: let them skip heads.
+        skip_tokens: let them skip tokens.
+        controller_pool: side of the pooled map the controllers' CNN reads.
+        token_global: concatenate a pooled global feature in the token branch.
+        stage: first (or only) stage to run: 1, 2 or 3.
+        stage_epochs: [e1, e2, e3_agent, e3_joint] to run the stages from `stage` on in one fit
+            (trainer.max_epochs must equal their sum); None runs `stage` alone.
+        agent_epochs: stage 3 alone: agent-only epochs before the joint ones.
+        target_gflops: FLOPs_target, GFLOPs per image.
+        stage1_lr: Adam learning rate of stage 1.
+        lr_blocks: AdamW peak learning rate of the backbone (stages 2-3).
+        lr_controller: AdamW peak learning rate of the controllers (stages 2-3).
+        cost_ratio: |α|·L_cost as a fraction of the task loss (paper: 0.1).
+        inherit_fraction: fraction of controller weight entries kept when stage 3 starts.
+        reward_beta: β of the reward, on (target − exec)/total.
+        entropy_weight: weight of the entropy bonus (A2C).
+        critic_weight: weight of the critic's MSE (A2C).
+        gumbel_tau: Gumbel-softmax temperature.
+        **kwargs: `AdaptiveLitModule` arguments (weight_decay, warm-up, init_from, ...); its
+            `lr` is unused (the stages have their own).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "deit_small_patch16_224",
+        pretrained: bool | str = False,
+        img_size: int | None = None,
+        patch_size: int | None = None,
+        drop_path_rate: float = 0.1,
+        fused_attn: bool | None = None,
+        vit_kwargs: dict | None = None,
+        skip_blocks: bool = True,
+        skip_heads: bool = True,
+        skip_tokens: bool = True,
+        controller_pool: int = 4,
+        token_global: bool = True,
+        stage: int = 1,
+        stage_epochs: list[int] | None = None,
+        agent_epochs: int = 20,
+        target_gflops: float = 3.9,
+        stage1_lr: float = 1e-4,
+        lr_blocks: float = 1e-5,
+        lr_controller: float = 1e-3,
+        cost_ratio: float = 0.1,
+        inherit_fraction: float = 0.75,
+        reward_beta: float = 1.0,
+        entropy_weight: float = 0.01,
+        critic_weight: float = 0.5,
+        gumbel_tau: float = 1.0,
+        **kwargs,
+    ) -> None:
+        if stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3 (got {stage}).")
+        if stage_epochs is not None and (len(stage_epochs) != 4 or min(stage_epochs) < 0):
+            raise ValueError(
+                f"stage_epochs must be 4 non-negative epoch counts [stage1, stage2, stage3_agent, "
+                f"stage3_joint], got {stage_epochs}."
+            )
+        if not 0.0 <= inherit_fraction <= 1.0:
+            raise ValueError(f"inherit_fraction must be in [0, 1] (got {inherit_fraction}).")
+        super().__init__(**kwargs)
+        self.phase: str | None = None
+        self.enter_phase(self.schedule()[0][0])
+
+    def configure_network(self) -> MIAFormer:
+        hp = self.hparams
+        vit = dict(pretrained=hp.pretrained, num_classes=hp.num_classes, img_size=hp.img_size,
+                   patch_size=hp.patch_size, drop_path_rate=hp.drop_path_rate, fused_attn=hp.fused_attn,
+                   **(hp.vit_kwargs or {}))
+        return MIAFormer.from_name(
+            hp.backbone, vit=vit, skip_blocks=hp.skip_blocks, skip_heads=hp.skip_heads,
+            skip_tokens=hp.skip_tokens, pool=hp.controller_pool, token_global=hp.token_global,
+            gumbel_tau=hp.gumbel_tau,
+        )
+
+    # ------------------------------------------------------------------ stages
+
+    def schedule(self) -> list[tuple[str, int | None]]:
+        """(phase, epochs) in order; None = until the end of the fit."""
+        hp = self.hparams
+        if hp.stage_epochs is not None:
+            first = {1: 0, 2: 1, 3: 2}[hp.stage]
+            phases = [(p, e) for p, e in list(zip(PHASES, hp.stage_epochs))[first:] if e > 0]
+            if not phases:
+                raise ValueError(f"stage_epochs {hp.stage_epochs} runs no epoch from stage {hp.stage} on.")
+            return phases
+        if hp.stage == 3:
+            return [("3a", hp.agent_epochs), ("3j", None)] if hp.agent_epochs else [("3j", None)]
+        return [(str(hp.stage), None)]
+
+    def phase_at(self, epoch: int) -> str:
+        start = 0
+        for phase, epochs in self.schedule():
+            if epochs is None or epoch < start + epochs:
+                return phase
+            start += epochs
+        return self.schedule()[-1][0]
+
+    def _phase_epochs(self, phase: str) -> tuple[int, int]:
+        """(first epoch, epoch count) of a phase in this fit."""
+        start = 0
+        for p, epochs in self.schedule():
+            if p == phase:
+                return start, (epochs if epochs is not None else max(1, self.trainer.max_epochs - start))
+            start += epochs or 0
+        raise ValueError(f"phase {phase} is not in this run's schedule {self.schedule()}.")
+
+    def enter_phase(self, phase: str) -> None:
+        """Freeze/unfreeze, choose how training decides, and (entering stage 3) inherit weights."""
+        net = self.net
+        if phase.startswith("3") and not bool(net.policy_initialised):
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+            for controller in net.controllers:
+                inherit_weights(controller, self.hparams.inherit_fraction, generator)
+            net.policy_initialised.fill_(True)
+        train_backbone = phase in ("2", "3j")
+        net.backbone.requires_grad_(train_backbone)
+        for controller in net.controllers:
+            controller.requires_grad_(True)
+            for critic in controller.critics():  # critics train only in stage 3
+                critic.requires_grad_(phase.startswith("3"))
+        net.train_decisions = "sample" if phase.startswith("3") else "gumbel"
+        self.phase = phase
+
+    def on_fit_start(self) -> None:
+        total = sum(e for _, e in self.schedule() if e is not None)
+        if self.hparams.stage_epochs is not None and self.trainer.max_epochs != total:
+            raise ValueError(
+                f"stage_epochs {self.hparams.stage_epochs} from stage {self.hparams.stage} make "
+                f"{total} epochs but trainer.max_epochs is {self.trainer.max_epochs}: set "
+                f"--trainer.max_epochs {total} (or change stage_epochs)."
+            )
+
+    def on_train_epoch_start(self) -> None:
+        phase = self.phase_at(self.current_epoch)
+        if phase != self.phase:
+            self.enter_phase(phase)
+            self.trainer.strategy.setup_optimizers(self.trainer)  # the new phase's optimiser
+        self.log("train/stage", float(PHASES.index(self.phase) + 1), on_epoch=True, on_step=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["adaptive_vit"]["mia_phase"] = self.phase
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        phase = checkpoint.get("adaptive_vit", {}).get("mia_phase")
+        if phase and phase != self.phase:  # resuming: the optimiser state is this phase's
+            self.enter_phase(phase)
+
+    # ------------------------------------------------------------------ optimisers
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        hp = self.hparams
+        return [
+            {"params": list(self.net.backbone.named_parameters()), "lr": hp.lr_blocks},
+            {"params": list(self.net.controllers.named_parameters()), "lr": hp.lr_controller},
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        if self.phase != "1":
+            return super().configure_optimizers()  # AdamW, per-group lr, warm-up + cosine
+        params = [p for p in self.net.controllers.parameters() if p.requires_grad]
+        return {"optimizer": torch.optim.Adam(params, lr=self.hparams.stage1_lr)}  # the paper's stage 1
+
+    def _lr_factor(self, peak: float, warmup: int, total: int):
+        # the cosine spans the current phase, not the whole fit
+        _, epochs = self._phase_epochs(self.phase)
+        per_epoch = self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs or 1)
+        return super()._lr_factor(peak, warmup, max(1, int(epochs * per_epoch)))
+
+    # ------------------------------------------------------------------ losses
+
+    def compute_loss(self, output: MaskedOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        logs = self._decision_logs(output)
+        gflops = output.gflops.mean()
+        logs.update(mean_gflops=gflops.detach(), target_gflops=torch.tensor(self.hparams.target_gflops))
+        if self.phase == "1":
+            loss = pretrain_loss(output)
+            logs["pretrain_loss"] = loss.detach()
+            return loss, logs
+        if self.phase == "2":
+            task = self.criterion(output.logits, target)
+            cost = gflops / self.net.exit_gflops()[0]  # L_cost = FLOPs_exec / FLOPs_total
+            alpha = self.hparams.cost_ratio * task.detach() / cost.detach().clamp(min=1e-8)
+            alpha = alpha if gflops.item() > self.hparams.target_gflops else -alpha
+            logs.update(task_loss=task.detach(), cost_loss=cost.detach(), alpha=alpha.detach())
+            return task + alpha * cost, logs
+        reward = self.reward(output, target)
+        actor, critic, entropy = a2c_losses(policy_terms(output), reward)
+        loss = actor + self.hparams.critic_weight * critic - self.hparams.entropy_weight * entropy
+        logs.update(reward=reward.mean(), actor_loss=actor.detach(), critic_loss=critic.detach(),
+                    entropy=entropy.detach())
+        if self.phase == "3j":  # the blocks learn the task under the sampled policies
+            task = self.criterion(output.logits, target)
+            logs["task_loss"] = task.detach()
+            loss = loss + task
+        return loss, logs
+
+    def reward(self, output: MaskedOutput, target: Tensor) -> Tensor:
+        """R = 1[correct] + β·(FLOPs_target − FLOPs_exec)/FLOPs_total per image (no gradient)."""
+        labels = target.argmax(-1) if target.is_floating_point() else target
+        correct = (output.logits.argmax(-1) == labels).float()
+        total = self.net.exit_gflops()[0]
+        return (correct + self.hparams.reward_beta * (self.hparams.target_gflops - output.gflops) / total).detach()
+
+    def _decision_logs(self, output: MaskedOutput) -> dict[str, Tensor]:
+        """Mean skip ratios (scalars, logged) and, for `FlopsBudgetTracker`, per-image GFLOPs and
+        per-block kept fractions ``decisions/<kind>`` (B, L), heads and tokens counted only
+        where the block executed."""
+        d = output.decisions
+        executed = d.blocks.detach()  # (B, L)
+        kept = {
+            "blocks": executed,
+            "heads": executed * d.heads.detach().mean(-1),
+            "tokens": executed * d.tokens.detach().mean(-1),
+        }
+        logs = {"gflops": output.gflops.detach()}
+        for dim in DIMENSIONS:
+            logs[f"skip_{dim}"] = 1 - kept[dim].mean()
+            logs[f"decisions/{dim}"] = kept[dim]
+        return logs
+
+    # ------------------------------------------------------------------ weights
+
+    def has_trained_weights(self) -> bool:
+        return bool(self.hparams.pretrained) or super().has_trained_weights()
+
+    def accepts_checkpoint_of(self, method: str) -> bool:
+        return method == "StaticViTLitModule"  # its `backbone.*` is this network's backbone
+
+    def may_be_missing(self, key: str) -> bool:
+        # starting from a static model: the controllers (and the stage-3 marker) are new
+        return key.startswith("controllers.") or key == "policy_initialised"
+
+
+def pretrain_loss(output: MaskedOutput) -> Tensor:
+    """Stage 1: Σ_l [(1 − D_b) + mean(1 − D_h) + mean(1 − D_n)], averaged over the batch
+    (switched-off dimensions are all ones and add nothing)."""
+    d = output.decisions
+    per_block = (1 - d.blocks) + (1 - d.heads).mean(-1) + (1 - d.tokens).mean(-1)  # (B, L)
+    return per_block.sum(1).mean()
+
+
+def policy_terms(output: MaskedOutput) -> list[PolicyTerm]:
+    """Every decision kind of every block with its logits, sampled actions and critic values.
+    Head and token decisions count only for images that executed the block."""
+    d = output.decisions
+    terms = []
+    for l, control in enumerate(output.controls):
+        executed = d.blocks[:, l].detach()
+        if control.block is not None:
+            terms.append(PolicyTerm(control.block[:, None], d.blocks[:, l, None], control.values["block"][:, None],
+                                    torch.ones_like(executed)[:, None]))
+        if control.heads is not None:
+            terms.append(PolicyTerm(control.heads, d.heads[:, l], control.values["heads"],
+                                    executed[:, None].expand_as(d.heads[:, l])))
+        if control.tokens is not None:
+            terms.append(PolicyTerm(control.tokens, d.tokens[:, l], control.values["tokens"],
+                                    executed[:, None].expand_as(d.tokens[:, l])))
+    return terms
+
+
+def a2c_losses(terms: list[PolicyTerm], reward: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(actor, critic, entropy), each a mean over the decisions actually taken, then over terms.
+
+    Actor: −log π(a)·(R − V) with V detached; critic: (V − R)²; entropy of π (a bonus).
+
+    Args:
+        terms: from `policy_terms`.
+        reward: (B,) per-image reward, no gradient.
+    """
+    actor, critic, entropy = [], [], []
+    for term in terms:
+        log_probs = F.log_softmax(term.logits.float(), dim=-1)  # (B, k, 2)
+        taken = log_probs.gather(-1, term.actions.long()[..., None])[..., 0]
+        advantage = reward[:, None] - term.values.detach()
+        weight, count = term.weight, term.weight.sum().clamp(min=1)
+        actor.append(-(weight * taken * advantage).sum() / count)
+        critic.append((weight * (term.values - reward[:, None]) ** 2).sum() / count)
+        entropy.append((weight * -(log_probs.exp() * log_probs).sum(-1)).sum() / count)
+    if not terms:
+        zero = reward.new_zeros(())
+        return zero, zero, zero
+    return torch.stack(actor).mean(), torch.stack(critic).mean(), torch.stack(entropy).mean()
+
+
+def inherit_weights(controller: MIAController, fraction: float, generator: torch.Generator) -> None:
+    """Keep each controller weight entry with probability `fraction`, re-initialise the others
+    (from a freshly initialised controller of the same shape); the critics start fresh."""
+    fresh = MIAController(controller.dim, controller.num_heads, controller.grid, controller.pool_size[0],
+                          controller.skip_blocks, controller.skip_heads, controller.skip_tokens,
+                          controller.token_global, controller.init_keep_bias).to(next(controller.parameters()).device)
+    critics = {id(p) for c in controller.critics() for p in c.parameters()}
+    with torch.no_grad():
+        for param, new in zip(controller.parameters(), fresh.parameters()):
+            if id(param) in critics:
+                param.copy_(new)
+                continue
+            keep = torch.rand(param.shape, generator=generator) < fraction
+            param.copy_(torch.where(keep.to(param.device), param, new.to(param.dtype)))

@@ -1,0 +1,272 @@
+"""`MIAFormer`: a timm DeiT with a MIA-Controller before every block (no Lightning here).
+
+Two forward paths share the controllers and the timm blocks:
+
+- `forward_masked` (training): decisions as masks (hard Gumbel-softmax with straight-through
+  gradients, argmax, or actions sampled from the policy for A2C), per-image cost differentiable;
+- `forward_sliced` (inference, `forward_adaptive`): argmax decisions that save real compute
+  (skipping images not run, kept tokens gathered, active heads' weights sliced).
+
+Both accept `override` decisions (fixed patterns for tests and the benchmark); the controllers
+still run then, so time and cost stay honest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from adaptive_vit.backbones import create_vit, vit_dims
+from adaptive_vit.flops import vit_flops
+from adaptive_vit.methods.mia.block import masked_block, sliced_block
+from adaptive_vit.methods.mia.controller import ControllerOutput, MIAController, decide
+from adaptive_vit.methods.mia.cost import MIACost
+from adaptive_vit.methods.network import AdaptiveNetwork, AdaptiveOutput
+
+DIMENSIONS = ("blocks", "heads", "tokens")
+
+
+class Decisions(NamedTuple):
+    """Keep-decisions of every block, 1 = keep/execute (bool or float masks)."""
+
+    blocks: Tensor  # (B, L)
+    heads: Tensor  # (B, L, H)
+    tokens: Tensor  # (B, L, N) patch tokens (the cls token is always kept)
+
+
+class MaskedOutput(NamedTuple):
+    logits: Tensor  # (B, C)
+    gflops: Tensor  # (B,) executed GFLOPs, differentiable through straight-through masks
+    decisions: Decisions  # float masks as applied
+    controls: list[ControllerOutput]  # per block: the controller's logits (and critic values)
+
+
+class MIAFormer(AdaptiveNetwork):
+    """MIA-Former on a timm ViT (METHODS.md "MIA-Former").
+
+    Args:
+        backbone: a timm VisionTransformer built by `backbones.create_vit` (its blocks are
+            reused as MIA-Blocks; stored as `backbone`, as `StaticViT` stores it, so a static
+            checkpoint loads into it).
+        skip_blocks: let the controllers skip whole blocks (the paper's Table 2 "Depth").
+        skip_heads: let them skip heads ("Head").
+        skip_tokens: let them skip tokens ("Token").
+        pool: side of the pooled map the controller's CNN reads.
+        token_global: concatenate a pooled global feature in the token branch.
+        init_keep_bias: initial logit bias towards "keep".
+        gumbel_tau: Gumbel-softmax temperature in training.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        skip_blocks: bool = True,
+        skip_heads: bool = True,
+        skip_tokens: bool = True,
+        pool: int = 4,
+        token_global: bool = True,
+        init_keep_bias: float = 0.0,
+        gumbel_tau: float = 1.0,
+    ) -> None:
+        super().__init__()
+        _check_backbone(backbone)
+        self.backbone = backbone
+        dims = vit_dims(backbone)
+        self.dims = dims
+        grid = tuple(backbone.patch_embed.grid_size)
+        self.controllers = nn.ModuleList(
+            MIAController(dims["dim"], dims["num_heads"], grid, pool, skip_blocks, skip_heads, skip_tokens,
+                          token_global, init_keep_bias)
+            for _ in range(dims["depth"])
+        )
+        self.cost = MIACost.of(dims, self.controllers[0])
+        self.gumbel_tau = gumbel_tau
+        # how `forward_train` decides: "gumbel" (stages 1-2) or "sample" (A2C, stage 3)
+        self.train_decisions = "gumbel"
+        # False until stage 3 has re-initialised part of the controllers (A2C weight inheritance);
+        # saved, so resuming stage 3 does not re-initialise again
+        self.register_buffer("policy_initialised", torch.tensor(False))
+
+    @classmethod
+    def from_name(cls, name: str, vit: dict[str, Any] | None = None, **kwargs: Any) -> MIAFormer:
+        """Build on `backbones.create_vit(name, **vit)`."""
+        return cls(create_vit(name, **(vit or {})), **kwargs)
+
+    @property
+    def skips(self) -> dict[str, bool]:
+        c = self.controllers[0]
+        return {"blocks": c.skip_blocks, "heads": c.skip_heads, "tokens": c.skip_tokens}
+
+    # ------------------------------------------------------------------ shared pieces
+
+    def _embed(self, x: Tensor) -> Tensor:
+        b = self.backbone
+        return b.norm_pre(b.patch_drop(b._pos_embed(b.patch_embed(x))))
+
+    def _head(self, x: Tensor) -> Tensor:
+        return self.backbone.forward_head(self.backbone.norm(x))
+
+    def _gflops(self, blocks: Tensor, heads: Tensor, tokens: Tensor) -> Tensor:
+        """(B, L) executed, head counts, kept patch-token counts → (B,) GFLOPs."""
+        return self.cost.executed(blocks, heads, tokens) / 1e9
+
+    # ------------------------------------------------------------------ training path
+
+    def forward_masked(self, x: Tensor, mode: str = "gumbel", override: Decisions | None = None,
+                       with_values: bool = False) -> MaskedOutput:
+        """Every decision as a mask over the full computation.
+
+        Args:
+            x: images (B, C, H, W).
+            mode: ``gumbel`` | ``argmax`` | ``sample`` (see `controller.decide`).
+            override: decisions that replace the controllers' (the controllers still run).
+            with_values: also compute the critic values (A2C).
+        """
+        x = self._embed(x)
+        B = x.shape[0]
+        H, N = self.dims["num_heads"], self.dims["num_patches"]
+        ones = x.new_ones
+        blocks, heads, tokens, controls = [], [], [], []
+        for l, (controller, block) in enumerate(zip(self.controllers, self.backbone.blocks)):
+            out = controller(x, with_values=with_values)
+            b = decide(out.block, mode, self.gumbel_tau) if out.block is not None else ones(B)
+            h = decide(out.heads, mode, self.gumbel_tau) if out.heads is not None else ones(B, H)
+            n = decide(out.tokens, mode, self.gumbel_tau) if out.tokens is not None else ones(B, N)
+            if override is not None:
+                b, h, n = (o[:, l].to(x.dtype) for o in override)
+            x = masked_block(block, x, b, h, torch.cat([ones(B, 1), n], dim=1))
+            blocks.append(b), heads.append(h), tokens.append(n), controls.append(out)
+        decisions = Decisions(torch.stack(blocks, 1), torch.stack(heads, 1), torch.stack(tokens, 1))
+        gflops = self._gflops(decisions.blocks, decisions.heads.sum(-1), decisions.tokens.sum(-1))
+        return MaskedOutput(self._head(x), gflops, decisions, controls)
+
+    def forward_train(self, x: Tensor) -> MaskedOutput:
+        sample = self.train_decisions == "sample"
+        return self.forward_masked(x, self.train_decisions, with_values=sample)
+
+    # ------------------------------------------------------------------ inference path
+
+    def forward_sliced(self, x: Tensor, override: Decisions | None = None) -> AdaptiveOutput:
+        """Deterministic decisions with real savings (see the module docstring).
+
+        Args:
+            x: images (B, C, H, W).
+            override: decisions that replace the controllers' (the controllers still run, the
+                head and token branches only for the images that execute the block).
+        """
+        x = self._embed(x)
+        B, L = x.shape[0], self.dims["depth"]
+        H, N = self.dims["num_heads"], self.dims["num_patches"]
+        executed = x.new_zeros(B, L)
+        heads, tokens = x.new_zeros(B, L), x.new_zeros(B, L)
+        for l, (controller, block) in enumerate(zip(self.controllers, self.backbone.blocks)):
+            b, samples, h, n = self._decide_sliced(controller, x, l, override)
+            x = sliced_block(block, x, samples, h, n)
+            executed[:, l] = b
+            heads[samples, l] = h.sum(1).to(x.dtype)
+            tokens[samples, l] = n.sum(1).to(x.dtype)
+        decisions = {"blocks": executed, "heads": heads / H, "tokens": tokens / N}
+        gflops = self._gflops(executed, heads, tokens)
+        exit_index = torch.zeros(B, dtype=torch.long, device=x.device)
+        return AdaptiveOutput(self._head(x), exit_index, gflops, decisions)
+
+    def _decide_sliced(self, controller: MIAController, x: Tensor, l: int,
+                       override: Decisions | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Argmax decisions of block l: (B,) executed, (G,) executing images, their (G, H) heads
+        and (G, N) tokens (bool); head and token branches run on the executing images only."""
+        B = x.shape[0]
+        H, N = self.dims["num_heads"], self.dims["num_patches"]
+        f_b = controller.features(x) if hasattr(controller, "cnn") else None
+        if controller.skip_blocks:
+            b = decide(controller.block_logits(f_b), "argmax").bool()
+        else:
+            b = torch.ones(B, dtype=torch.bool, device=x.device)
+        if override is not None:
+            b = override.blocks[:, l].bool()
+        samples = b.nonzero()[:, 0]
+        G = samples.numel()
+        if controller.skip_heads and G:
+            h = decide(controller.fc_h2(controller.head_features(f_b[samples])), "argmax").bool()
+        else:
+            h = torch.ones(G, H, dtype=torch.bool, device=x.device)
+        if controller.skip_tokens and G:
+            n = decide(controller.fc_n(controller.token_features(x[samples])), "argmax").bool()
+        else:
+            n = torch.ones(G, N, dtype=torch.bool, device=x.device)
+        if override is not None:
+            h, n = override.heads[samples, l].bool(), override.tokens[samples, l].bool()
+        return b, samples, h, n
+
+    # ------------------------------------------------------------------ the contract
+
+    def forward_adaptive(self, x: Tensor, thresholds: Sequence[float] = ()) -> AdaptiveOutput:
+        return self.forward_sliced(x)
+
+    def forward_exits(self, x: Tensor) -> list[Tensor]:
+        return [self.forward_sliced(x).logits]
+
+    def exit_gflops(self) -> list[float]:
+        """One exit: everything on, controllers included (FLOPs_total)."""
+        return [self.cost.total() / 1e9]
+
+    def static_gflops(self) -> float:
+        return vit_flops(**self.dims) / 1e9
+
+    def input_size(self) -> tuple[int, int, int]:
+        img = self.backbone.patch_embed.img_size
+        return (self.dims["in_chans"], img[0], img[1])
+
+    def static_baseline(self) -> nn.Module:
+        return self.backbone  # the plain timm forward on the same weights
+
+    def benchmark_modes(self, x: Tensor) -> Iterator[tuple[str, Callable[[], AdaptiveOutput]]]:
+        """The controllers' own decisions, then fixed patterns (25 % / 50 % of the tokens, heads
+        or blocks skipped, the same for every image) with the controllers still running."""
+        yield "controllers", lambda: self.forward_sliced(x)
+        patterns = {"all on": {}}
+        for fraction in (0.25, 0.5):
+            for dim in DIMENSIONS:
+                patterns[f"{dim} -{fraction:.0%}"] = {dim: fraction}
+        patterns["all -25%"] = dict.fromkeys(DIMENSIONS, 0.25)
+        for label, skipped in patterns.items():
+            override = self.fixed_decisions(x.shape[0], **skipped, device=x.device)
+            yield label, lambda o=override: self.forward_sliced(x, o)
+
+    def fixed_decisions(self, batch: int, blocks: float = 0.0, heads: float = 0.0, tokens: float = 0.0,
+                        device: torch.device | None = None, seed: int = 0) -> Decisions:
+        """A fixed pattern skipping the given fractions (rounded) of blocks, heads and tokens.
+
+        Skipped blocks are spread evenly, the last heads are skipped, and each image drops a
+        random (seeded) set of tokens of the same size.
+        """
+        L, H, N = self.dims["depth"], self.dims["num_heads"], self.dims["num_patches"]
+        keep_b = torch.ones(L, dtype=torch.bool)
+        skip = round(blocks * L)
+        if skip:
+            keep_b[torch.linspace(L - 1, 0, skip).round().long()] = False
+        keep_h = torch.arange(H) < H - round(heads * H)
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.rand(batch, L, N, generator=generator).argsort(-1)
+        keep_n = order >= round(tokens * N)
+        return Decisions(
+            keep_b.expand(batch, L).to(device),
+            keep_h.expand(batch, L, H).to(device),
+            keep_n.to(device),
+        )
+
+
+def _check_backbone(backbone: nn.Module) -> None:
+    """MIA-Blocks slice timm's plain pre-norm block: refuse variants they would get wrong."""
+    if getattr(backbone, "num_prefix_tokens", 1) != 1 or getattr(backbone, "global_pool", "token") != "token":
+        raise ValueError("MIA-Former needs a ViT with exactly one cls token and cls-token pooling (e.g. DeiT).")
+    block = backbone.blocks[0]
+    plain = all(isinstance(m, nn.Identity) for m in (block.ls1, block.ls2, block.attn.norm, block.mlp.norm))
+    gated = getattr(block.attn, "gate", None) is not None
+    if not plain or gated:
+        raise ValueError(
+            "MIA-Former slices plain timm blocks; this backbone has layer scale, a scale norm or "
+            "gated attention. Use a DeiT/ViT backbone without them (e.g. deit_small_patch16_224)."
+        )

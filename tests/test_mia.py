@@ -1,0 +1,356 @@
+"""MIA-Former: costs against fvcore, masked == sliced, block semantics, the three stages, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from adaptive_vit.flops import fvcore_gflops
+from adaptive_vit.methods.mia.block import masked_block, sliced_block
+from adaptive_vit.methods.mia.controller import MIAController
+from adaptive_vit.methods.mia.cost import controller_flops
+from adaptive_vit.methods.mia.lit import MIALitModule, a2c_losses, PolicyTerm
+from adaptive_vit.methods.mia.model import Decisions, MIAFormer
+from conftest import FAST_TRAINER, REPO
+
+TINY = dict(img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=4, num_heads=4)
+TINY_LIT = dict(backbone="vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10,
+                vit_kwargs={"embed_dim": 64, "depth": 4, "num_heads": 4}, drop_path_rate=0.0)
+
+
+def tiny(**kwargs) -> MIAFormer:
+    torch.manual_seed(0)
+    return MIAFormer.from_name("vit_tiny_patch16_224", vit=TINY, **kwargs).eval()
+
+
+def random_decisions(batch: int, net: MIAFormer, seed: int = 1) -> Decisions:
+    g = torch.Generator().manual_seed(seed)
+    L, H, N = net.dims["depth"], net.dims["num_heads"], net.dims["num_patches"]
+    return Decisions(torch.rand(batch, L, generator=g) > 0.3, torch.rand(batch, L, H, generator=g) > 0.4,
+                     torch.rand(batch, L, N, generator=g) > 0.5)
+
+
+class FixedMIA(nn.Module):
+    """A fixed decision pattern as a static model: the MIA-Blocks' sliced compute, no controller."""
+
+    def __init__(self, net: MIAFormer, decisions: Decisions) -> None:
+        super().__init__()
+        self.net, self.d = net, decisions
+
+    def forward(self, x):
+        x = self.net._embed(x)
+        for l, block in enumerate(self.net.backbone.blocks):
+            samples = self.d.blocks[:, l].nonzero()[:, 0]
+            x = sliced_block(block, x, samples, self.d.heads[samples, l], self.d.tokens[samples, l])
+        return self.net._head(x)
+
+
+# ---------------------------------------------------------------------------------- costs
+
+
+def test_deit_small_costs_and_controller_budget():
+    net = MIAFormer.from_name("deit_small_patch16_224").eval()
+    assert net.static_gflops() == pytest.approx(4.608, rel=5e-3)
+    all_on = net.exit_gflops()[0]
+    assert all_on <= 0.05 * net.static_gflops() + net.static_gflops()  # controllers ≤ 5 %
+    controllers = all_on - net.static_gflops()
+    assert controllers == pytest.approx(12 * sum(controller_flops(net.controllers[0], 196)) / 1e9)
+    # one DeiT-S controller counted by fvcore == the analytic count
+    x = torch.randn(1, 197, 384)
+    assert fvcore_gflops(_AllBranches(net.controllers[0]), x) * 1e9 == pytest.approx(
+        sum(controller_flops(net.controllers[0], 196)))
+
+
+class _AllBranches(nn.Module):
+    def __init__(self, controller):
+        super().__init__()
+        self.controller = controller
+
+    def forward(self, x):
+        out = self.controller(x)
+        return [t for t in (out.block, out.heads, out.tokens) if t is not None]
+
+
+@pytest.mark.parametrize("skips", [(True, True, True), (False, True, False), (True, False, True), (False, False, True)])
+def test_controller_flops_match_fvcore(skips):
+    net = tiny(skip_blocks=skips[0], skip_heads=skips[1], skip_tokens=skips[2])
+    expected = sum(controller_flops(net.controllers[0], 64))
+    assert fvcore_gflops(_AllBranches(net.controllers[0]), torch.randn(1, 65, 64)) * 1e9 == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("pattern", [{}, {"blocks": 0.25}, {"heads": 0.5}, {"tokens": 0.5},
+                                     {"blocks": 0.25, "heads": 0.25, "tokens": 0.75}, "random"])
+def test_analytic_flops_equal_fvcore_on_fixed_patterns(pattern):
+    net = tiny()
+    x = torch.randn(1, 3, 32, 32)
+    d = random_decisions(1, net, seed=3) if pattern == "random" else net.fixed_decisions(1, **pattern)
+    measured = fvcore_gflops(FixedMIA(net, d), x)
+    analytic = net.forward_sliced(x, d).gflops.item()
+    c = net.controllers[0]
+    block_part, branches = controller_flops(c, 64)
+    controllers = (4 * block_part + d.blocks.sum().item() * branches) / 1e9
+    assert measured == pytest.approx(analytic - controllers, rel=1e-6)
+    if pattern == {}:
+        assert measured == pytest.approx(net.static_gflops(), rel=1e-6)
+
+
+def test_cost_is_differentiable_through_the_masks():
+    net = tiny().train()
+    out = net.forward_masked(torch.randn(2, 3, 32, 32), "gumbel")
+    out.gflops.sum().backward()
+    for name in ("fc_b", "fc_h2", "fc_n"):
+        assert getattr(net.controllers[1], name).weight.grad.abs().sum() > 0, name
+
+
+# ---------------------------------------------------------------------------------- paths
+
+
+def test_masked_and_sliced_paths_agree():
+    net = tiny()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        for d in (random_decisions(5, net), net.fixed_decisions(5, 0.25, 0.5, 0.5), None):
+            masked = net.forward_masked(x, "argmax", override=d)
+            sliced = net.forward_sliced(x, d)
+            torch.testing.assert_close(sliced.logits, masked.logits, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(sliced.gflops, masked.gflops)
+        # the controllers' own decisions: mixed per image (random init skips some of everything)
+        assert 0 < sliced.decisions["blocks"].mean() < 1 and 0 < sliced.decisions["tokens"].mean() < 1
+        # batched == one image at a time (grouping by head pattern, token padding)
+        single = torch.cat([net.forward_sliced(x[i:i + 1]).logits for i in range(5)])
+        torch.testing.assert_close(sliced.logits, single, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_and_explicit_attention_agree_in_the_sliced_path():
+    from adaptive_vit.backbones import set_fused_attn
+
+    net = tiny()
+    x = torch.randn(3, 3, 32, 32)
+    d = random_decisions(3, net)
+    with torch.no_grad():
+        set_fused_attn(net, False)
+        explicit = net.forward_sliced(x, d).logits
+        set_fused_attn(net, True)
+        fused = net.forward_sliced(x, d).logits
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-4)
+
+
+def _block_inputs(net, batch=2):
+    torch.manual_seed(0)
+    return torch.randn(batch, 65, 64), net.backbone.blocks[0]
+
+
+def test_skipped_block_leaves_its_input_unchanged():
+    net = tiny()
+    x, block = _block_inputs(net)
+    heads, tokens = torch.ones(2, 4), torch.ones(2, 65)
+    out = masked_block(block, x, torch.tensor([0.0, 1.0]), heads, tokens)
+    assert torch.equal(out[0], x[0]) and not torch.allclose(out[1], x[1])
+    sliced = sliced_block(block, x, torch.tensor([1]), heads[:1].bool(), tokens[:1, 1:].bool())
+    assert torch.equal(sliced[0], x[0])
+    torch.testing.assert_close(sliced[1], out[1])
+
+
+def test_inactive_channels_and_tokens_keep_their_residual():
+    net = tiny()
+    x, block = _block_inputs(net)
+    with torch.no_grad():  # no attention output: only the MLP writes, so channels are visible
+        block.attn.proj.weight.zero_()
+        block.attn.proj.bias.zero_()
+    heads = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    keep = torch.rand(2, 64) > 0.5
+    tokens = torch.cat([torch.ones(2, 1), keep.float()], 1)
+    with torch.no_grad():
+        masked = masked_block(block, x, torch.ones(2), heads, tokens)
+        sliced = sliced_block(block, x, torch.tensor([0, 1]), heads.bool(), keep)
+    channels = heads.repeat_interleave(16, dim=1).bool()  # E = 16
+    for out in (masked, sliced):
+        changed = (out - x).abs() > 0
+        for i in range(2):
+            kept = tokens[i].bool()
+            assert not changed[i][~kept].any()  # dropped tokens: residual only
+            assert not changed[i][kept][:, ~channels[i]].any()  # inactive channels: residual only
+            assert changed[i][kept][:, channels[i]].float().mean() > 0.9
+    torch.testing.assert_close(sliced, masked, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dimension", ["blocks", "heads", "tokens"])
+def test_each_switch_removes_its_decisions(dimension):
+    net = tiny(**{f"skip_{dimension}": False}).train()
+    names = {"blocks": "fc_b", "heads": "fc_h2", "tokens": "fc_n"}
+    assert not hasattr(net.controllers[0], names[dimension])
+    x = torch.randn(4, 3, 32, 32)
+    kept = net.forward_masked(x, "gumbel").decisions._asdict()[dimension]
+    assert torch.all(kept == 1)
+    others = [d for d in ("blocks", "heads", "tokens") if d != dimension]
+    assert any((net.forward_masked(x, "gumbel").decisions._asdict()[d] == 0).any() for d in others)
+    with torch.no_grad():
+        decisions = net.eval().forward_sliced(x).decisions
+    if dimension == "blocks":
+        assert torch.all(decisions["blocks"] == 1)
+    else:  # executed blocks run all heads / all tokens
+        assert torch.equal(decisions[dimension], decisions["blocks"])
+
+
+# ---------------------------------------------------------------------------------- stages
+
+
+def lit(**kwargs) -> MIALitModule:
+    torch.manual_seed(0)
+    return MIALitModule(**TINY_LIT, **kwargs)
+
+
+def _batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_stage1_reaches_no_skipping_and_equals_the_backbone():
+    module = lit(stage=1)
+    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=0.1)
+    assert not any(p.requires_grad for p in module.net.backbone.parameters())  # blocks frozen
+    before = {k: v.clone() for k, v in module.net.backbone.state_dict().items()}
+    x, y = _batch(8)
+    for step in range(40):  # until nothing is skipped (the paper: until the loss reaches 0)
+        module.train()
+        loss, logs = module.compute_loss(module.net.forward_train(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        module.eval()
+        with torch.no_grad():
+            out = module.net.forward_adaptive(x)
+        if all(torch.all(out.decisions[d] == 1) for d in ("blocks", "heads", "tokens")):
+            break
+    assert step < 39, "stage 1 did not reach zero skipping"
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, module.net.backbone(x), atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(v, module.net.backbone.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("side", ["above", "below"])
+def test_stage2_moves_mean_gflops_towards_the_target(side):
+    module = lit(stage=2, lr_controller=1e-2, lr_blocks=0.0)
+    module.net.train()
+    x, y = _batch(8)
+    with torch.no_grad():
+        start = module.net.forward_masked(x, "argmax").gflops.mean().item()
+    # above: the mean cost is over the target; below: under it (all-on is the most it can be)
+    module.hparams.target_gflops = start * 0.5 if side == "above" else module.net.exit_gflops()[0]
+    params = [p for p in module.net.controllers.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=3e-2)
+    signs = []
+    for _ in range(8):
+        loss, logs = module.compute_loss(module.net.forward_train(x), y)
+        signs.append(bool(logs["alpha"] > 0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert signs[0] == (side == "above")  # α's sign follows the side of the target
+    with torch.no_grad():
+        end = module.net.forward_masked(x, "argmax").gflops.mean().item()
+    if side == "above":  # too expensive: the cost term pushes the mean cost down
+        assert end < start
+    else:  # below the target: negative alpha pushes it up
+        assert end > start
+
+
+def test_stage3_inherits_the_configured_fraction(tmp_path):
+    source = lit(stage=2)
+    path = tmp_path / "stage2.pt"
+    torch.save(source.net.state_dict(), path)
+    for fraction in (0.75, 1.0):
+        module = lit(stage=3, init_from=str(path), inherit_fraction=fraction)
+        assert bool(module.net.policy_initialised)
+        kept = total = 0
+        for new, old in zip(module.net.controllers, source.net.controllers):
+            critics = {id(p) for c in new.critics() for p in c.parameters()}
+            for p_new, p_old in zip(new.parameters(), old.parameters()):
+                if id(p_new) not in critics:
+                    kept += (p_new == p_old).sum().item()
+                    total += p_new.numel()
+        assert kept / total == pytest.approx(fraction, abs=0.01)
+        assert all(torch.equal(a, b) for a, b in zip(module.net.backbone.parameters(), source.net.backbone.parameters()))
+        # agent-only first: blocks frozen, critics trained, decisions sampled
+        assert not any(p.requires_grad for p in module.net.backbone.parameters())
+        assert all(p.requires_grad for p in module.net.controllers[0].critic_b.parameters())
+        assert module.net.train_decisions == "sample"
+
+
+def test_policy_gradient_has_the_right_sign():
+    # two images, one decision each: image 0 kept (reward 1), image 1 skipped (reward 0), V = 0.5
+    logits = torch.zeros(2, 1, 2, requires_grad=True)
+    values = torch.full((2, 1), 0.5, requires_grad=True)
+    term = PolicyTerm(logits, torch.tensor([[1.0], [0.0]]), values, torch.ones(2, 1))
+    actor, critic, entropy = a2c_losses([term], torch.tensor([1.0, 0.0]))
+    (actor + critic).backward()
+    step = -logits.grad[:, 0]  # gradient descent direction
+    assert step[0, 1] > 0 > step[0, 0]  # rewarded action "keep" becomes more likely
+    assert step[1, 1] > 0 > step[1, 0]  # below-baseline action "skip" becomes less likely
+    # critic: V moves towards R
+    assert -values.grad[0, 0] > 0 > -values.grad[1, 0]
+    assert entropy.item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
+
+
+def test_stage3_a2c_learns_to_prefer_cheap_policies():
+    module = lit(stage=3, reward_beta=50.0, entropy_weight=0.0)
+    module.net.train()
+    x, y = _batch(8)
+    opt = torch.optim.Adam([p for p in module.net.controllers.parameters() if p.requires_grad], lr=3e-2)
+    module.hparams.target_gflops = 0.0  # every FLOP costs reward
+    with torch.no_grad():
+        start = module.net.forward_masked(x, "argmax").gflops.mean().item()
+    for _ in range(10):
+        loss, logs = module.compute_loss(module.net.forward_train(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert module.net.forward_masked(x, "argmax").gflops.mean().item() < start
+
+
+def test_pipeline_schedule_and_errors():
+    module = lit(stage=1, stage_epochs=[1, 2, 1, 2])
+    assert [module.phase_at(e) for e in range(6)] == ["1", "2", "2", "3a", "3j", "3j"]
+    assert module.phase == "1" and module.net.train_decisions == "gumbel"
+    assert lit(stage=2, stage_epochs=[5, 2, 0, 1]).schedule() == [("2", 2), ("3j", 1)]
+    with pytest.raises(ValueError, match="4 non-negative"):
+        lit(stage_epochs=[1, 2])
+    with pytest.raises(ValueError, match="stage must be"):
+        lit(stage=4)
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.slow
+def test_cli_static_then_mia_pipeline_then_test(run_cli, tmp_path):
+    static = REPO / "configs/demo/static.yaml"
+    small = ["--data.init_args.batch_size", "16", "--trainer.limit_train_batches", "2", "--trainer.log_every_n_steps", "1"]
+    run_cli("fit", "--config", str(static), *FAST_TRAINER, *small)
+    static_ckpt = tmp_path / "runs/demo_static/version_0/checkpoints/last.ckpt"
+    assert static_ckpt.exists()
+    config = str(REPO / "configs/demo/mia.yaml")
+    args = [*FAST_TRAINER, *small, "--model.init_args.init_from", str(static_ckpt),
+            "--model.init_args.stage_epochs", "[1, 1, 1, 1]", "--trainer.max_epochs", "4"]
+    cli = run_cli("fit", "--config", config, *args)
+    assert cli.model.phase == "3j"
+    ckpt = tmp_path / "runs/demo_mia/version_0/checkpoints/last.ckpt"
+    metrics = (tmp_path / "runs/demo_mia/version_0/metrics.csv").read_text()
+    for name in ("train/pretrain_loss", "train/cost_loss", "train/reward", "train/skip_tokens", "val/gflops"):
+        assert name in metrics, name
+    test = run_cli("test", "--config", config, *args, "--ckpt_path", str(ckpt))
+    assert 0.0 < test.trainer.callback_metrics["test/gflops"] <= test.model.net.exit_gflops()[0] + 1e-9
+
+
+def test_cli_flops_json(run_cli, capsys):
+    run_cli("flops", "--config", str(REPO / "configs/mia_deit.yaml"), "--format", "json")
+    out = capsys.readouterr().out
+    report, _ = json.JSONDecoder().raw_decode(out[out.index("{"):])
+    assert report["model"] == "MIAFormer"
+    assert report["static_gflops"] == pytest.approx(4.608, rel=5e-3)
+    assert len(report["exits"]) == 1
+    assert report["static_gflops"] < report["exits"][0]["cumulative_gflops"] <= 1.05 * report["static_gflops"]
