@@ -288,7 +288,7 @@ def test_robustness_lowers_accuracy_and_eps_zero_is_clean(tmp_path, data_root, t
     metrics = test.test(trained, datamodule(data_root))[0]
     assert metrics["test/robust/clean_top1"] >= 0.8
     assert metrics["test/robust/clean_top1"] == pytest.approx(metrics["test/top1"])
-    assert metrics["test/robust/pgd_eps0.0/top1"] == metrics["test/robust/clean_top1"]
+    assert metrics["test/robust/pgd_eps0/top1"] == metrics["test/robust/clean_top1"]
     assert metrics["test/robust/pgd_eps0.1/top1"] < metrics["test/robust/clean_top1"] - 0.3
     assert metrics["test/robust/fgsm_eps0.1/top1"] < metrics["test/robust/clean_top1"]
     assert metrics["test/robust/pgd_eps0.1/top1"] <= metrics["test/robust/fgsm_eps0.1/top1"]
@@ -318,6 +318,7 @@ def test_robustness_rejects_unknown_attack():
 def test_robustness_default_is_mia_former_setting():
     callback = RobustnessEvaluation()
     assert [RobustnessEvaluation.label(s) for s in callback.specs] == ["pgd_eps0.002", "fgsm_eps0.03"]
+    assert RobustnessEvaluation.label({"name": "PGD", "eps": 8 / 255}) == "pgd_eps0.0313725"
     assert callback.specs[0]["alpha"] == pytest.approx(0.0005) and callback.specs[0]["steps"] == 10
     assert math.isclose(RobustnessEvaluation(attacks=[{"name": "PGD", "eps": 0.01}]).specs[0]["alpha"], 0.0025)
 

@@ -82,7 +82,8 @@ class RobustnessEvaluation(Callback):
 
     @staticmethod
     def label(spec: dict[str, Any]) -> str:
-        return f"{spec['name'].lower()}_eps{spec.get('eps', 'default')}"
+        eps = spec.get("eps")
+        return f"{spec['name'].lower()}_eps" + (f"{eps:g}" if isinstance(eps, (int, float)) else "default")
 
     # ------------------------------------------------------------------ when
 
