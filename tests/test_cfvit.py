@@ -406,3 +406,8 @@ def test_fit_then_test_on_demo_data_with_thresholds_by_hand(run_cli) -> None:  #
         pytest.xfail("LightningCLI (2.6) replaces model arguments given to `test --ckpt_path` by the "
                      "checkpoint's hyper-parameters (LightningCLI._parse_ckpt_path): cli.py must keep them")
     check(cli, 0.0, costs[1])
+
+
+def test_input_of_another_size_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"configured for \(3, 32, 32\) images, got \(3, 48, 48\)"):
+        tiny_net(grid=4).forward_exits(torch.randn(1, 3, 48, 48))

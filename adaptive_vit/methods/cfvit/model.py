@@ -140,6 +140,11 @@ class CFViT(AdaptiveNetwork):
             x: (B, C, H, W) full-resolution (normalised) images.
             track_attention: compute the global class attention (needed for selection).
         """
+        if tuple(x.shape[-3:]) != self.input_size():
+            raise ValueError(
+                f"CF-ViT is configured for {self.input_size()} images, got {tuple(x.shape[-3:])}: "
+                "make the data's img_size equal the model's (the full, fine resolution)."
+            )
         half = (x.shape[-2] // 2, x.shape[-1] // 2)
         small = F.interpolate(x, size=half, mode="bilinear", align_corners=True, antialias=False)
         embedding = self.vit.patch_embed(small) + self.coarse_pos_embed[:, 1:]  # (B, Nc, D)
@@ -183,7 +188,7 @@ class CFViT(AdaptiveNetwork):
         embedding: (B, k, 4, D), the four in row-major order within each region."""
         B, C, H, W = x.shape
         g, k, side = self.coarse_grid, informative.shape[1], H // self.coarse_grid
-        regions = x.view(B, C, g, side, g, side).permute(0, 2, 4, 1, 3, 5)  # (B, g, g, C, 2p, 2p)
+        regions = x.reshape(B, C, g, side, g, side).permute(0, 2, 4, 1, 3, 5)  # (B, g, g, C, 2p, 2p)
         rows = torch.arange(B, device=x.device)[:, None]
         crops = regions[rows, informative // g, informative % g]  # (B, k, C, 2p, 2p)
         fine = self.vit.patch_embed(crops.reshape(B * k, C, side, side))  # (B*k, 4, D)
