@@ -16,6 +16,7 @@ import sys
 import warnings
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -78,7 +79,13 @@ class AdaptiveViTCLI(LightningCLI):
                 trainer[key] = value
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        if self.subcommand == "flops":
+            # Costs and parameter counts need shapes only: build on the meta device, which skips
+            # allocating and initialising tens of millions of weights.
+            with torch.device("meta"):
+                super().instantiate_classes()
+        else:
+            super().instantiate_classes()
         _share_version_folder(self.trainer.loggers)
 
     def _check_weights(self, subcommand: str) -> None:
@@ -114,20 +121,26 @@ def _share_version_folder(loggers: list[Any]) -> None:
             warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
-def main(args: list[str] | None = None) -> AdaptiveViTCLI:
+def main(args: list[str] | None = None) -> AdaptiveViTCLI | None:
     """Entry point of `adaptive-vit` (also `python -m adaptive_vit`).
 
-    On the command line, a configuration mistake (a missing file, a bad value, a checkpoint that
-    does not fit) ends with its message and exit status 2 rather than a traceback; set
-    ADAPTIVE_VIT_DEBUG=1 for the traceback. Called with `args` (tests, scripts), errors propagate.
+    Called with `args` (tests, scripts), it returns the CLI (trainer, model, datamodule) and lets
+    errors propagate. On the command line it returns None (the console script passes the result
+    to sys.exit), and a configuration mistake (a missing file, a bad value, a checkpoint that does
+    not fit) ends with its message and exit status 2 rather than a traceback; set
+    ADAPTIVE_VIT_DEBUG=1 for the traceback.
     """
-    if args is not None or os.environ.get("ADAPTIVE_VIT_DEBUG"):
+    if args is not None:
         return _run(args)
+    if os.environ.get("ADAPTIVE_VIT_DEBUG"):
+        _run(None)
+        return None
     try:
-        return _run(args)
+        _run(None)
     except (ValueError, FileNotFoundError) as err:
         print(f"adaptive-vit: error: {_own_message(err)}", file=sys.stderr)
         sys.exit(2)
+    return None
 
 
 def _own_message(err: BaseException) -> str:
