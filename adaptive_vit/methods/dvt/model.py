@@ -61,8 +61,10 @@ def build_tokenized_vit(backbone: str, img_size: int, patch_size: int, padding: 
     # Built for the padded image (grid and position embedding fit), then told to pad itself.
     vit = create_vit(backbone, img_size=padded, patch_size=patch_size, **kwargs)
     if vit.num_prefix_tokens != 1:
-        raise ValueError(f"DVT needs backbones with exactly one cls token; {backbone!r} has "
-                         f"{vit.num_prefix_tokens} prefix tokens (use a deit_*/vit_* model without distillation token).")
+        raise ValueError(
+            f"DVT needs backbones with exactly one cls token; {backbone!r} has {vit.num_prefix_tokens} "
+            "prefix tokens (use a deit_*/vit_* model without a distillation or register token)."
+        )
     if padding:
         vit.patch_embed.proj.padding = (padding, padding)
         vit.patch_embed.img_size = (img_size, img_size)
@@ -112,7 +114,9 @@ class DVTExit(nn.Module):
         """
         vit = self.vit
         z = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))  # (B, 1+N, D)
-        masks = self.relation_reuse(upstream.logits) if self.relation_reuse is not None else [None] * len(vit.blocks)
+        masks = [None] * len(vit.blocks)  # one additive (B, H, 1+N, 1+N) term per block, or None
+        if self.relation_reuse is not None:
+            masks = self.relation_reuse(upstream.logits)
         extra = {"upstream": upstream.tokens} if self.feature_reuse else {}
         logits = []
         for block, mask in zip(vit.blocks, masks):

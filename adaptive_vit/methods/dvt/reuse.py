@@ -151,7 +151,8 @@ class ReuseBlock(Block):
     def flops(self, tokens: int) -> float:
         """Extra cost over the plain block: wider norm2 and fc1, plus f_l."""
         extra = self.feature_reuse.out_dim
-        return norm_flops(tokens, extra) + tokens * extra * self.mlp.fc1.out_features + self.feature_reuse.flops()
+        wider = norm_flops(tokens, extra) + tokens * extra * self.mlp.fc1.out_features
+        return wider + self.feature_reuse.flops()
 
 
 def _widen_norm(norm: nn.LayerNorm, extra: int) -> nn.LayerNorm:
