@@ -10,9 +10,8 @@ from torch import nn
 
 from adaptive_vit.flops import fvcore_gflops
 from adaptive_vit.methods.mia.block import masked_block, sliced_block
-from adaptive_vit.methods.mia.controller import MIAController
 from adaptive_vit.methods.mia.cost import controller_flops
-from adaptive_vit.methods.mia.lit import MIALitModule, a2c_losses, PolicyTerm
+from adaptive_vit.methods.mia.lit import MIALitModule, PolicyTerm, a2c_losses
 from adaptive_vit.methods.mia.model import Decisions, MIAFormer
 from conftest import FAST_TRAINER, REPO
 
@@ -338,6 +337,9 @@ def test_cli_static_then_mia_pipeline_then_test(run_cli, tmp_path):
             "--model.init_args.stage_epochs", "[1, 1, 1, 1]", "--trainer.max_epochs", "4"]
     cli = run_cli("fit", "--config", config, *args)
     assert cli.model.phase == "3j"
+    optimizer = cli.trainer.optimizers[0]  # re-created at the stage switches (stage 1 is Adam)
+    assert type(optimizer) is torch.optim.AdamW
+    assert {g["initial_lr"] for g in optimizer.param_groups} == {cli.model.hparams.lr_blocks, cli.model.hparams.lr_controller}
     ckpt = tmp_path / "runs/demo_mia/version_0/checkpoints/last.ckpt"
     metrics = (tmp_path / "runs/demo_mia/version_0/metrics.csv").read_text()
     for name in ("train/pretrain_loss", "train/cost_loss", "train/reward", "train/skip_tokens", "val/gflops"):
@@ -354,3 +356,15 @@ def test_cli_flops_json(run_cli, capsys):
     assert report["static_gflops"] == pytest.approx(4.608, rel=5e-3)
     assert len(report["exits"]) == 1
     assert report["static_gflops"] < report["exits"][0]["cumulative_gflops"] <= 1.05 * report["static_gflops"]
+
+
+def test_cli_benchmark_fixed_patterns(run_cli, capsys):
+    run_cli("benchmark", "--config", str(REPO / "configs/demo/mia.yaml"), "--batch_sizes", "[1, 3]",
+            "--repeats", "1", "--warmup", "0", "--format", "json")
+    out = capsys.readouterr().out
+    rows, _ = json.JSONDecoder().raw_decode(out[out.index("["):])
+    gflops = {(r["mode"], r["batch_size"]): r["gflops"] for r in rows}
+    for batch in (1, 3):
+        assert gflops[("all on", batch)] > gflops[("static", batch)]  # controllers included
+        for dim in ("blocks", "heads", "tokens"):
+            assert gflops[(f"{dim} -50%", batch)] < gflops[(f"{dim} -25%", batch)] < gflops[("all on", batch)]

@@ -167,21 +167,36 @@ class MIALitModule(AdaptiveLitModule):
         raise ValueError(f"phase {phase} is not in this run's schedule {self.schedule()}.")
 
     def enter_phase(self, phase: str) -> None:
-        """Freeze/unfreeze, choose how training decides, and (entering stage 3) inherit weights."""
+        """Choose how training decides, freeze/unfreeze, and (entering stage 3) inherit weights."""
         net = self.net
         if phase.startswith("3") and not bool(net.policy_initialised):
-            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-            for controller in net.controllers:
-                inherit_weights(controller, self.hparams.inherit_fraction, generator)
+            # a fixed seed: every DDP rank re-initialises the same entries (no broadcast mid-fit)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                for controller in net.controllers:
+                    inherit_weights(controller, self.hparams.inherit_fraction)
             net.policy_initialised.fill_(True)
-        train_backbone = phase in ("2", "3j")
-        net.backbone.requires_grad_(train_backbone)
-        for controller in net.controllers:
-            controller.requires_grad_(True)
-            for critic in controller.critics():  # critics train only in stage 3
-                critic.requires_grad_(phase.startswith("3"))
         net.train_decisions = "sample" if phase.startswith("3") else "gumbel"
         self.phase = phase
+        self._freeze()
+
+    def _freeze(self) -> None:
+        """Blocks train in phases 2 and 3j; controllers always; critics only in stage 3."""
+        self.net.backbone.requires_grad_(self.phase in ("2", "3j"))
+        for controller in self.net.controllers:
+            controller.requires_grad_(True)
+            for critic in controller.critics():
+                critic.requires_grad_(self.phase.startswith("3"))
+
+    def setup(self, stage: str) -> None:
+        # DDP registers only the parameters that require grad when it wraps the model: a pipeline
+        # that unfreezes the blocks later needs them all registered. Everything is trainable at
+        # wrap time and frozen again at train start (find_unused_parameters skips frozen ones).
+        if stage == "fit" and len(self.schedule()) > 1 and self.trainer.world_size > 1:
+            self.net.requires_grad_(True)
+
+    def on_train_start(self) -> None:
+        self._freeze()
 
     def on_fit_start(self) -> None:
         total = sum(e for _, e in self.schedule() if e is not None)
@@ -197,7 +212,8 @@ class MIALitModule(AdaptiveLitModule):
         if phase != self.phase:
             self.enter_phase(phase)
             self.trainer.strategy.setup_optimizers(self.trainer)  # the new phase's optimiser
-        self.log("train/stage", float(PHASES.index(self.phase) + 1), on_epoch=True, on_step=False)
+        # 1, 2, 3 (stage 3 agent-only), 4 (stage 3 joint)
+        self.log("train/phase", float(PHASES.index(self.phase) + 1), on_epoch=True, on_step=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -346,7 +362,7 @@ def a2c_losses(terms: list[PolicyTerm], reward: Tensor) -> tuple[Tensor, Tensor,
     return torch.stack(actor).mean(), torch.stack(critic).mean(), torch.stack(entropy).mean()
 
 
-def inherit_weights(controller: MIAController, fraction: float, generator: torch.Generator) -> None:
+def inherit_weights(controller: MIAController, fraction: float) -> None:
     """Keep each controller weight entry with probability `fraction`, re-initialise the others
     (from a freshly initialised controller of the same shape); the critics start fresh."""
     fresh = MIAController(controller.dim, controller.num_heads, controller.grid, controller.pool_size[0],
@@ -358,5 +374,5 @@ def inherit_weights(controller: MIAController, fraction: float, generator: torch
             if id(param) in critics:
                 param.copy_(new)
                 continue
-            keep = torch.rand(param.shape, generator=generator) < fraction
+            keep = torch.rand(param.shape) < fraction
             param.copy_(torch.where(keep.to(param.device), param, new.to(param.dtype)))

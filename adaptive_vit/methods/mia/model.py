@@ -110,8 +110,9 @@ class MIAFormer(AdaptiveNetwork):
         return self.backbone.forward_head(self.backbone.norm(x))
 
     def _gflops(self, blocks: Tensor, heads: Tensor, tokens: Tensor) -> Tensor:
-        """(B, L) executed, head counts, kept patch-token counts → (B,) GFLOPs."""
-        return self.cost.executed(blocks, heads, tokens) / 1e9
+        """(B, L) executed, head counts, kept patch-token counts → (B,) GFLOPs (float32: raw FLOP
+        counts overflow half precision under AMP)."""
+        return self.cost.executed(blocks.float(), heads.float(), tokens.float()) / 1e9
 
     # ------------------------------------------------------------------ training path
 
@@ -160,14 +161,14 @@ class MIAFormer(AdaptiveNetwork):
         x = self._embed(x)
         B, L = x.shape[0], self.dims["depth"]
         H, N = self.dims["num_heads"], self.dims["num_patches"]
-        executed = x.new_zeros(B, L)
-        heads, tokens = x.new_zeros(B, L), x.new_zeros(B, L)
+        executed = torch.zeros(B, L, device=x.device)
+        heads, tokens = torch.zeros(B, L, device=x.device), torch.zeros(B, L, device=x.device)
         for l, (controller, block) in enumerate(zip(self.controllers, self.backbone.blocks)):
             b, samples, h, n = self._decide_sliced(controller, x, l, override)
             x = sliced_block(block, x, samples, h, n)
-            executed[:, l] = b
-            heads[samples, l] = h.sum(1).to(x.dtype)
-            tokens[samples, l] = n.sum(1).to(x.dtype)
+            executed[:, l] = b.float()
+            heads[samples, l] = h.sum(1).float()
+            tokens[samples, l] = n.sum(1).float()
         decisions = {"blocks": executed, "heads": heads / H, "tokens": tokens / N}
         gflops = self._gflops(executed, heads, tokens)
         exit_index = torch.zeros(B, dtype=torch.long, device=x.device)
