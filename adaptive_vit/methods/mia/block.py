@@ -74,7 +74,7 @@ def sliced_block(block: nn.Module, x: Tensor, samples: Tensor, heads: Tensor, to
         block: a `backbones.Block` in eval mode.
         x: (B, T, D) input.
         samples: (G,) long, the images that execute the block.
-        heads: (G, H) bool, their active heads.
+        heads: (G, H) bool, their active heads (images sharing a head set run together).
         tokens: (G, N) bool, their kept patch tokens.
 
     Returns:
@@ -87,7 +87,7 @@ def sliced_block(block: nn.Module, x: Tensor, samples: Tensor, heads: Tensor, to
     pattern = (heads.long() << torch.arange(H, device=x.device)).sum(1)  # (G,) head set as bits
     for key in pattern.unique().tolist():
         members = (pattern == key).nonzero()[:, 0]
-        active = heads[members[0]].nonzero()[:, 0]
+        active = [h for h in range(H) if key >> h & 1]
         group = samples[members]
         xs, index, valid = gather_tokens(x[group], tokens[members])
         delta = _sliced_delta(block, xs, None if len(active) == H else active, valid)
@@ -132,36 +132,44 @@ def scatter_tokens(delta: Tensor, index: Tensor | None, valid: Tensor | None, to
     return full.scatter(1, index[:, :t, None].expand(-1, -1, delta.shape[2]), delta)
 
 
-def _head_rows(active: Tensor, width: int) -> Tensor:
-    """Indices of the `width`-wide slices of the given heads: (k,) → (k·width,)."""
-    return (active[:, None] * width + torch.arange(width, device=active.device)).reshape(-1)
+def _take(weight: Tensor, dim: int, active: list[int], width: int) -> Tensor:
+    """The `width`-wide slices of the active heads along `dim`: a view (no copy) when the heads
+    are contiguous, a gathered copy otherwise."""
+    first, count = active[0], len(active)
+    if active[-1] - first + 1 == count:
+        return weight.narrow(dim, first * width, count * width)
+    index = torch.tensor([h * width + i for h in active for i in range(width)], device=weight.device)
+    return weight.index_select(dim, index)
 
 
-def _sliced_delta(block: nn.Module, x: Tensor, active: Tensor | None, valid: Tensor | None) -> Tensor:
+def _sliced_delta(block: nn.Module, x: Tensor, active: list[int] | None, valid: Tensor | None) -> Tensor:
     """Residual update (attention + MLP) of a group sharing one head set.
 
     Args:
         block: the timm block.
         x: (g, t, D) gathered tokens.
-        active: (k,) active head indices, None = all heads (full weights, no slicing).
+        active: active head indices, None = all heads (full weights, no slicing).
         valid: (g, t) bool, False on padding rows (masked out as keys), or None.
     """
     attn, mlp = block.attn, block.mlp
     g, t, D = x.shape
     H, E = attn.num_heads, attn.head_dim
-    if active is not None and active.numel() == 0:
+    if active is not None and not active:
         bias = attn.proj.bias
         return x.new_zeros(g, t, D) if bias is None else bias.expand(g, t, D)
-    k = H if active is None else active.numel()
-    w_qkv, b_qkv = attn.qkv.weight, attn.qkv.bias
-    w_proj = attn.proj.weight
-    if active is not None:
-        channels = _head_rows(active, E)  # (kE,)
-        rows = torch.cat([channels + part * D for part in range(3)])  # q, k, v rows of these heads
-        w_qkv = w_qkv.index_select(0, rows)
-        b_qkv = None if b_qkv is None else b_qkv.index_select(0, rows)
-        w_proj = w_proj.index_select(1, channels)
-    qkv = F.linear(block.norm1(x), w_qkv, b_qkv).reshape(g, t, 3, k, E).permute(2, 0, 3, 1, 4)
+    y = block.norm1(x)
+    if active is None:
+        k, w_proj = H, attn.proj.weight
+        qkv = attn.qkv(y).reshape(g, t, 3, k, E).permute(2, 0, 3, 1, 4)
+    else:
+        k = len(active)
+        w_qkv = _take(attn.qkv.weight.view(3, H * E, D), 1, active, E)  # (3, kE, D): q, k, v rows
+        # one batched matmul over q, k, v (a view of the weights when the heads are contiguous)
+        qkv = torch.bmm(y.reshape(1, g * t, D).expand(3, -1, -1), w_qkv.transpose(1, 2))  # (3, gt, kE)
+        if attn.qkv.bias is not None:
+            qkv = qkv + _take(attn.qkv.bias.view(3, H * E), 1, active, E)[:, None, :]
+        qkv = qkv.reshape(3, g, t, k, E).transpose(2, 3)
+        w_proj = _take(attn.proj.weight, 1, active, E)
     q, key, v = qkv.unbind(0)  # (g, k, t, E)
     q, key = attn.q_norm(q), attn.k_norm(key)
     mask = None
@@ -179,10 +187,10 @@ def _sliced_delta(block: nn.Module, x: Tensor, active: Tensor | None, valid: Ten
     if active is None:
         return a + mlp(y)
     group = mlp.fc1.out_features // H
-    hidden = _head_rows(active, group)  # (k·M/H,)
-    w1 = mlp.fc1.weight.index_select(0, hidden).index_select(1, channels)
-    b1 = None if mlp.fc1.bias is None else mlp.fc1.bias.index_select(0, hidden)
-    w2 = mlp.fc2.weight.index_select(0, channels).index_select(1, hidden)
-    b2 = None if mlp.fc2.bias is None else mlp.fc2.bias.index_select(0, channels)
-    m = F.linear(mlp.act(F.linear(y.index_select(-1, channels), w1, b1)), w2, b2)  # (g, t, kE)
+    w1 = _take(_take(mlp.fc1.weight, 0, active, group), 1, active, E)  # (k·M/H, kE)
+    w2 = _take(_take(mlp.fc2.weight, 0, active, E), 1, active, group)  # (kE, k·M/H)
+    b1 = None if mlp.fc1.bias is None else _take(mlp.fc1.bias, 0, active, group)
+    b2 = None if mlp.fc2.bias is None else _take(mlp.fc2.bias, 0, active, E)
+    m = F.linear(mlp.act(F.linear(_take(y, 2, active, E), w1, b1)), w2, b2)  # (g, t, kE)
+    channels = torch.tensor([h * E + i for h in active for i in range(E)], device=x.device)
     return a.index_add(-1, channels, m)  # fc2 writes only the active groups' channels
