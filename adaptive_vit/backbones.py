@@ -217,7 +217,7 @@ def _file_num_classes(path: str) -> int:
 def _check_name(name: str) -> None:
     known = timm.list_models()
     if name not in known and name.split(".")[0] not in known:
-        close = difflib.get_close_matches(name, known, n=5)
+        close = [n for n in known if n.startswith(name)][:5] or difflib.get_close_matches(name, known, n=5)
         hint = f" Did you mean one of {close}?" if close else ""
         raise ValueError(
             f"unknown backbone {name!r}: not a timm model name.{hint} "

@@ -69,6 +69,16 @@ class AdaptiveViTCLI(LightningCLI):
         })
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the config as the source of truth when `--ckpt_path` is given.
+
+        LightningCLI (>= 2.3) would merge the checkpoint's hyper-parameters over the config, class
+        included: `test --config cfvit.yaml --ckpt_path static.ckpt` would silently evaluate the
+        static model, and `--model.init_args.thresholds`/`budget` given on the command line would be
+        replaced by the checkpoint's. Here the configured model is built, and a checkpoint of
+        another method is refused by `AdaptiveLitModule.on_load_checkpoint` with the fix.
+        """
+
     def before_instantiate_classes(self) -> None:
         # `flops` and `benchmark` measure one model in one process: a config written for 8 GPUs
         # with DDP and AMP must still run them (on whatever device this machine has).
