@@ -168,6 +168,14 @@ def test_calibration_solves_stores_selects_and_writes(tmp_path, data_root, train
     assert fresh.net.exit_thresholds.tolist() == pytest.approx(cal["gflops_1.8"]["thresholds"])
 
 
+def test_calibration_curve_starts_exactly_at_the_first_exit_cost(tmp_path, data_root, monkeypatch):
+    monkeypatch.setattr(TinyExits, "costs", (0.7, 2.1))  # 0.7 rounds down in float32
+    model = tiny_model()
+    trainer(tmp_path, [ThresholdCalibration(curve_points=3, plot=False)]).validate(model, datamodule(data_root))
+    assert model.calibrations["curve_00"]["target"] == 0.7
+    assert model.calibrations["curve_00"]["gflops"] == pytest.approx(0.7)
+
+
 def test_calibration_rejects_a_budget_it_does_not_calibrate(tmp_path, data_root):
     with pytest.raises(ValueError, match=r"the model's budget 'fraction_0.9' is not one ThresholdCalibration"):
         trainer(tmp_path, [ThresholdCalibration(budget_fractions=[0.5])]).validate(

@@ -157,7 +157,7 @@ class ThresholdCalibration(Callback):
         confidences, correct = samples["confidences"].cpu(), samples["correct"].cpu()
         names = list(self.targets)
         budgets = [self._budget(*self.targets[n], exit_gflops) for n in names if self.targets[n][0] != "accuracy"]
-        curve_budgets = torch.linspace(exit_gflops[0], exit_gflops[-1], self.curve_points).tolist()
+        curve_budgets = torch.linspace(exit_gflops[0], exit_gflops[-1], self.curve_points, dtype=torch.float64).tolist()
         solved = iter(budget_curve(confidences, correct, exit_gflops, budgets=budgets + curve_budgets))
         results: dict[str, tuple[str, float, BudgetResult]] = {}
         for name in names:
