@@ -211,3 +211,17 @@ def test_numpy_input_and_no_mutation():
     assert result == solve_budget(confidences, correct, exit_gflops, exit_gflops[1])
     np.testing.assert_array_equal(conf_np, confidences.numpy())
     np.testing.assert_array_equal(correct_np, correct.numpy())
+
+
+def test_solve_accuracy_accepts_a_float32_target() -> None:
+    """A target computed in float32 (7/21 → 0.33333334) is reachable by 7 correct images."""
+    import torch
+
+    from adaptive_vit.budget import solve_accuracy
+
+    correct = torch.zeros(21, 2, dtype=torch.bool)
+    correct[:7, 1] = True
+    confidences = torch.rand(21, 2, generator=torch.Generator().manual_seed(0))
+    target = float(correct[:, 1].float().mean())  # 0.3333333432674408 > 1/3
+    result = solve_accuracy(confidences, correct, [1.0, 2.0], target)
+    assert result.accuracy == pytest.approx(7 / 21)
