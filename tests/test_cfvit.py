@@ -402,9 +402,6 @@ def test_fit_then_test_on_demo_data_with_thresholds_by_hand(run_cli) -> None:  #
     # η > 1 given by hand at test: everything goes on to the fine stage
     cli = run_cli("test", "--config", config, *FAST_TRAINER, *tiny, "--ckpt_path", str(ckpt),
                   "--model.init_args.thresholds", "[1.01]")
-    if cli.model.hparams.thresholds != [1.01]:
-        pytest.xfail("LightningCLI (2.6) replaces model arguments given to `test --ckpt_path` by the "
-                     "checkpoint's hyper-parameters (LightningCLI._parse_ckpt_path): cli.py must keep them")
     check(cli, 0.0, costs[1])
 
 
