@@ -368,3 +368,11 @@ def test_cli_benchmark_fixed_patterns(run_cli, capsys):
         assert gflops[("all on", batch)] > gflops[("static", batch)]  # controllers included
         for dim in ("blocks", "heads", "tokens"):
             assert gflops[(f"{dim} -50%", batch)] < gflops[(f"{dim} -25%", batch)] < gflops[("all on", batch)]
+
+
+def test_gradients_reach_the_input_through_the_sliced_path():
+    # the robustness callback attacks `forward` (the sliced path): gradients must reach pixels
+    net = tiny()
+    x = torch.randn(3, 3, 32, 32, requires_grad=True)
+    net(x).logsumexp(-1).sum().backward()
+    assert x.grad.abs().sum() > 0
