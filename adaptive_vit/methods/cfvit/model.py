@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 from torch import Tensor, nn
 
 from adaptive_vit.backbones import create_vit, vit_dims
@@ -103,6 +103,7 @@ class CFViT(AdaptiveNetwork):
             nn.LayerNorm(dim, eps=vit.norm.eps),
             Mlp(dim, dims["mlp_hidden"], dim, act_layer=nn.GELU),
         )
+        self.reuse.apply(init_weights_vit_timm)  # truncated normal 0.02, zero biases (as the authors)
         # Training forward: split every patch (True) or only the informative ones (False).
         # The LitModule switches it at the configured epoch; inference always selects.
         self.train_split_all = False
