@@ -408,3 +408,23 @@ def test_fit_then_test_on_demo_data_with_thresholds_by_hand(run_cli) -> None:  #
 def test_input_of_another_size_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"configured for \(3, 32, 32\) images, got \(3, 48, 48\)"):
         tiny_net(grid=4).forward_exits(torch.randn(1, 3, 48, 48))
+
+
+def test_authors_checkpoint_validate_calibrates_then_test(run_cli, tmp_path: Path) -> None:  # noqa: ANN001
+    """A user's path with the authors' file: `validate` with init_from calibrates η and saves
+    calibrated.ckpt, which `test` then evaluates (a tiny network saved in their key layout)."""
+    net = CFViTLitModule(backbone="vit_tiny_patch16_224", coarse_grid=4, img_size=32, patch_size=4,
+                         vit_kwargs=TINY, cls_attn_start=0, num_classes=10).net
+    theirs = {authors_key(k): v for k, v in net.state_dict().items() if k != "exit_thresholds"}
+    torch.save({"model": theirs, "flop": net.exit_gflops()}, tmp_path / "theirs.pth")
+    common = ["--config", str(REPO / "configs/demo/cfvit.yaml"), *FAST_TRAINER,
+              "--model.init_args.vit_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}",
+              "--model.init_args.cls_attn_start", "0", "--model.init_args.init_from", str(tmp_path / "theirs.pth"),
+              "--trainer.callbacks", "[{class_path: ThresholdCalibration, init_args: {budget_fractions: [0.6]}}]"]
+    run_cli("validate", *common)
+    calibrated = Path("runs/demo_cfvit/version_0/calibrated.ckpt")
+    assert calibrated.is_file()
+    cli = run_cli("test", *common, "--ckpt_path", str(calibrated))
+    assert "fraction_0.6" in cli.model.calibrations
+    assert cli.model.net.exit_thresholds.tolist() == pytest.approx(cli.model.calibrations["fraction_0.6"]["thresholds"])
+    assert net.exit_gflops()[0] <= float(cli.trainer.callback_metrics["test/gflops"]) <= net.exit_gflops()[1]
