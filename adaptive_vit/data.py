@@ -8,6 +8,9 @@
   ``root/test`` (the test split falls back to ``val``). Classes are the sub-folders of
   ``root/train`` (hidden folders such as ``.ipynb_checkpoints`` are ignored); ``val`` and
   ``test`` must contain the same class folders, so labels always agree across splits.
+  ``val_split > 0`` holds out that fraction of ``train`` (stratified, seeded by ``seed``) as the
+  validation split, e.g. to calibrate exit thresholds on images that are not reported on (as
+  the DVT authors did); ``val`` (or ``test``) is then the test split.
 * ``cifar10`` / ``cifar100``: torchvision's python-version archives under ``root``.
   By default the official test set is used as both the validation and the test split;
   ``val_split > 0`` instead holds out that fraction of the training set (stratified,
@@ -238,9 +241,10 @@ class ImageDataModule(LightningDataModule):
             batch_size: Batch size per device.
             num_workers: Data loader worker processes per device.
             download: Download CIFAR into ``root`` when missing (``cifar*`` only).
-            val_split: ``cifar*`` only: fraction of the training set held out (stratified) as the
-                validation split. ``0`` uses the official test set as validation and test split.
-                The other datasets have their own validation split.
+            val_split: fraction of the training set held out (stratified, seeded) as the
+                validation split; the official validation (imagenet/folder) or test (cifar) set
+                is then the test split. ``0``: the official split is both (cifar) or val is
+                val (imagenet/folder). The demo's split is fixed.
             seed: Seed of the ``val_split`` hold-out. The demo split is fixed and ignores it.
             auto_augment: timm RandAugment/AutoAugment policy for training, ``None`` disables
                 it. With RandAugment on, timm disables ``color_jitter`` (as in DeiT).
@@ -534,7 +538,8 @@ class ImageDataModule(LightningDataModule):
                 f"{self.root / 'train'}, found {len(classes)}; use `dataset: folder` for other "
                 "class sets"
             )
-        split_dir = self._split_dir(split)
+        held_out = self.val_split > 0 and split in ("train", "val")
+        split_dir = self._split_dir("train" if held_out else split)
         self._check_same_classes(split_dir, classes)
         dataset = _ClassFolder(split_dir, classes, self._transform(split))
         if not dataset.samples:
@@ -547,6 +552,8 @@ class ImageDataModule(LightningDataModule):
                 f"empty class folders (no images with a supported extension): {_preview(folders)}; "
                 "add images or remove the folder from every split"
             )
+        if held_out:
+            return _stratified_subset(dataset, (self.val_split,), self.seed, _SPLIT_PART[split])
         return dataset
 
     def _check_same_classes(self, split_dir: Path, classes: list[str]) -> None:

@@ -345,3 +345,21 @@ def test_cifar_missing_without_download(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=folder) as error:
         dm.setup("fit")
     assert "download: true" in str(error.value)
+
+
+def test_folder_val_split_holds_out_part_of_train(tmp_path) -> None:
+    """val_split carves a stratified validation split out of train/; val/ becomes the test split."""
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "images", classes=3, per_class=8)
+    data = ImageDataModule(dataset="folder", root=str(root), img_size=32, batch_size=4,
+                           num_workers=0, val_split=0.25, auto_augment=None)
+    data.setup("fit")
+    data.setup("test")
+    train, val, test = (data._datasets[s] for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (18, 6, 24)
+    train_files = {train.dataset.samples[i][0] for i in train.indices}
+    val_files = {val.dataset.samples[i][0] for i in val.indices}
+    assert not train_files & val_files and all("/train/" in f for f in val_files)
+    assert sorted(val.dataset.targets[i] for i in val.indices) == [0, 0, 1, 1, 2, 2]
+    assert all("/val/" in path for path, _ in test.samples)
