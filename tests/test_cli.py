@@ -117,3 +117,17 @@ def test_console_errors_are_one_message_not_a_traceback(tmp_path: Path) -> None:
          str(tmp_path / "nope.ckpt")], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2
     assert "init_from: no such file" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_ema_weight_averaging_from_yaml(run_cli, image_folder: Path, tmp_path: Path) -> None:
+    """Optional EMA of the weights is Lightning's callback, configured from the CLI/YAML."""
+    import torch
+    ema = "[{class_path: lightning.pytorch.callbacks.EMAWeightAveraging, init_args: {decay: 0.5}}]"
+    cli = run_cli("fit", *STATIC, *TINY_VIT, *FAST_TRAINER, *folder_data(image_folder),
+                  "--trainer.callbacks", ema)
+    callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "EMAWeightAveraging")
+    averaged = callback._average_model.module.net.backbone.head.weight
+    assert averaged.shape == cli.model.net.backbone.head.weight.shape
+    saved = torch.load(tmp_path / "runs/demo_static/version_0/checkpoints/last.ckpt", weights_only=True)
+    # the checkpoint holds the averaged weights (Lightning swaps them in when saving)
+    torch.testing.assert_close(saved["state_dict"]["net.backbone.head.weight"], averaged)
