@@ -192,6 +192,9 @@ class AdaptiveLitModule(LightningModule):
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Tensor]:
         x, target = batch
         metrics = self.eval_metrics[stage]
+        # Two passes on purpose for multi-exit networks: the reported accuracy and GFLOPs come from
+        # the real early-exit path (what a user deploys), while calibration and "anytime" accuracy
+        # need every exit's answer for every image.
         with torch.no_grad():
             adaptive: AdaptiveOutput = self.net.forward_adaptive(x, self.net.exit_thresholds.tolist())
             exits = self.net.forward_exits(x) if self.net.num_exits > 1 else [adaptive.logits]
