@@ -2,7 +2,10 @@
 
 Convention (METHODS.md): one multiply-add = one FLOP (fvcore's), GFLOPs per image, eval mode,
 attention matmuls counted. fvcore has no handle for `scaled_dot_product_attention` (it would count
-0 and DeiT-S would come out at 4.25 instead of 4.608), so one is registered here. Norms count 5
+0 and DeiT-S would come out at 4.25 instead of 4.608), so one is registered here; its `matmul`
+handle undercounts a broadcast product such as (s, g) @ (B, g, g) (it multiplies the first
+operand's size by the last dimension), so that one is replaced by an exact count, and `baddbmm`
+(a 1×1 convolution as one batched matmul) gets one. Norms count 5
 FLOPs per element (fvcore's affine norm estimate); activations, softmax, additions count 0.
 
 The analytic formulas below follow the same convention term by term, so a method can compute the
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +35,18 @@ def _sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
+def _product_flop_jit(operand: int) -> Callable[[list[Any], list[Any]], int]:
+    """fvcore handle of a (broadcast, batched) matrix product whose left factor is input
+    `operand`: multiply-adds = output elements × inner size."""
+
+    def handle(inputs: list[Any], outputs: list[Any]) -> int:
+        from fvcore.nn.jit_handles import get_shape
+
+        return math.prod(get_shape(outputs[0])) * get_shape(inputs[operand])[-1]
+
+    return handle
+
+
 def fvcore_gflops(model: nn.Module, *inputs: torch.Tensor) -> float:
     """GFLOPs per image of `model(*inputs)` in eval mode, counted by fvcore (attention included)."""
     from fvcore.nn import FlopCountAnalysis
@@ -42,6 +58,8 @@ def fvcore_gflops(model: nn.Module, *inputs: torch.Tensor) -> float:
             warnings.simplefilter("ignore")
             counter = FlopCountAnalysis(model, inputs)
             counter.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop_jit)
+            counter.set_op_handle("aten::matmul", _product_flop_jit(0))
+            counter.set_op_handle("aten::baddbmm", _product_flop_jit(1))
             counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             total = counter.total()
     finally:

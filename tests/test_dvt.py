@@ -16,7 +16,7 @@ from adaptive_vit.backbones import vit_dims
 from adaptive_vit.methods.dvt.convert import AUTHORS_EXITS, convert_authors_checkpoint
 from adaptive_vit.methods.dvt.lit import DVTLitModule
 from adaptive_vit.methods.dvt.model import DVT, Handoff, build_tokenized_vit, split_thresholds
-from adaptive_vit.methods.dvt.reuse import FeatureReuse, RelationReuse, resize_grid, resize_keys
+from adaptive_vit.methods.dvt.reuse import FeatureReuse, RelationReuse, resize_grid, resize_keys, resize_queries
 from conftest import FAST_TRAINER, REPO
 
 # The DVT authors' DeiT-S key layout (a copy of shared/reference/dvt_deit_small_authors_keys.json).
@@ -51,12 +51,17 @@ def test_resize_of_figure_5_on_a_2x2_grid() -> None:
     torch.testing.assert_close(resize_grid(grid, 3)[0, 0], expected)
 
 
+@pytest.mark.parametrize("grid, size", [(2, 3), (7, 10), (10, 14), (14, 7)])
+def test_matrix_resize_equals_interpolate_then_adaptive_pool(grid: int, size: int) -> None:
+    maps = torch.randn(2, 5, grid, grid)
+    reference = F.adaptive_avg_pool2d(F.interpolate(maps, scale_factor=2, mode="nearest"), size)
+    torch.testing.assert_close(resize_grid(maps, size), reference)
+
+
 def test_relation_resize_keys_then_queries_keeps_cls_apart() -> None:
-    # (1 map, 1+4 queries, 1+4 keys) on a 2x2 grid -> 1+9 on a 3x3 grid; an identity MLP
+    # (1 map, 1+4 queries, 1+4 keys) on a 2x2 grid -> 1+9 on a 3x3 grid
     logits = torch.arange(25.0).reshape(1, 1, 5, 5)
-    reuse = RelationReuse(num_heads=1, depth=1, upstream_grid=2, grid=3)
-    reuse.mlp = torch.nn.Identity()
-    (out,) = reuse(logits)
+    out = resize_queries(resize_keys(logits, 2, 3), 2, 3)
     assert out.shape == (1, 1, 10, 10)
     assert out[0, 0, 0, 0] == logits[0, 0, 0, 0]  # cls->cls passes unchanged
     torch.testing.assert_close(out[0, 0, 0, 1:], resize_grid(logits[0, 0, 0, 1:].reshape(1, 1, 2, 2), 3).flatten())
@@ -67,6 +72,17 @@ def test_relation_resize_keys_then_queries_keeps_cls_apart() -> None:
     expected = torch.einsum("ai,bj,ijkl,ck,dl->abcd", one_d, one_d, patch, one_d, one_d)
     torch.testing.assert_close(out[0, 0, 1:, 1:], expected.reshape(9, 9))
     assert resize_keys(logits, 2, 3).shape == (1, 1, 5, 10)
+
+
+def test_relation_reuse_is_the_shared_mlp_then_the_resize_split_per_layer() -> None:
+    torch.manual_seed(0)
+    reuse = RelationReuse(num_heads=2, depth=3, upstream_grid=2, grid=3)
+    logits = torch.randn(4, 6, 5, 5)
+    expected = resize_queries(resize_keys(reuse.mlp(logits), 2, 3), 2, 3).split(2, dim=1)
+    terms = list(reuse(logits))
+    assert len(terms) == 3
+    for term, reference in zip(terms, expected):
+        torch.testing.assert_close(term, reference)
 
 
 # ----------------------------------------------------------------------------- reuse wiring
@@ -109,7 +125,7 @@ def test_handed_logits_include_the_upstream_reuse_term() -> None:
     with torch.no_grad():
         _, first = model.exits[0](x, hand_logits=True)
         _, second = model.exits[1](x, first, hand_logits=True)
-        terms = model.exits[1].relation_reuse(first.logits)
+        terms = list(model.exits[1].relation_reuse(first.logits))
         z = model.exits[1].vit.norm_pre(model.exits[1].vit._pos_embed(model.exits[1].vit.patch_embed(x)))
         block = model.exits[1].vit.blocks[0]
         q, k, _ = block.attn.qkv(block.norm1(z)).reshape(2, 37, 3, 2, 16).permute(2, 0, 3, 1, 4)
@@ -153,10 +169,11 @@ def test_reuse_switches_change_the_costs_as_expected() -> None:
     d, m, hidden, out, blocks = 32, 128, 16, 8, 2
     for k, (up, grid) in enumerate([(4, 6), (6, 8)], start=1):
         n, n_up = grid * grid + 1, up * up
+        resize = up * up * grid + up * grid * grid  # one map's two small matmuls
         feature = blocks * (5 * n * out + n * out * m  # wider norm2 and fc1
-                            + 5 * n_up * d + n_up * d * hidden + n_up * hidden * out + 2 * out * (2 * up) ** 2)
+                            + 5 * n_up * d + n_up * d * hidden + n_up * hidden * out + out * resize)
         hl = 2 * blocks
-        relation = (n_up + 1) ** 2 * 2 * hl * 3 * hl + 2 * hl * (n_up + 1 + n) * (2 * up) ** 2
+        relation = (n_up + 1) ** 2 * 2 * hl * 3 * hl + hl * (n_up + 1 + n) * resize
         step = {key: (c[k] - c[k - 1]) * 1e9 for key, c in cost.items()}
         assert step[True, False] - step[False, False] == pytest.approx(feature)
         assert step[False, True] - step[False, False] == pytest.approx(relation)
