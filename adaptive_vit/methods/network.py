@@ -72,6 +72,13 @@ class AdaptiveNetwork(nn.Module):
     def forward_adaptive(self, x: Tensor, thresholds: Sequence[float]) -> AdaptiveOutput:
         raise NotImplementedError
 
+    def decision_maps(self, x: Tensor) -> dict[str, Tensor]:
+        """What the network decided for each image, for visualisation (`VisualizeDecisions`):
+        spatial masks on its patch grids, e.g. CF-ViT's re-split regions or MIA-Former's kept
+        tokens per block. The exit that answered is in `forward_adaptive`'s output. Default: none.
+        """
+        return {}
+
     def exit_gflops(self) -> list[float]:
         """Cumulative GFLOPs per image to answer at each exit (extra modules included)."""
         raise NotImplementedError

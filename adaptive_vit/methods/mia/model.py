@@ -209,6 +209,15 @@ class MIAFormer(AdaptiveNetwork):
     def forward_exits(self, x: Tensor) -> list[Tensor]:
         return [self.forward_sliced(x).logits]
 
+    def decision_maps(self, x: Tensor) -> dict[str, Tensor]:
+        """The eval decisions as masks: ``blocks`` (B, L), ``heads`` (B, L, H) and ``tokens``
+        (B, L, rows, cols) of kept patch tokens on the patch grid, all bool. The masked path in
+        argmax mode makes the same decisions as the sliced path (tested)."""
+        decisions = self.forward_masked(x, mode="argmax").decisions
+        grid = tuple(self.backbone.patch_embed.grid_size)
+        return {"blocks": decisions.blocks.bool(), "heads": decisions.heads.bool(),
+                "tokens": decisions.tokens.bool().unflatten(-1, grid)}
+
     def exit_gflops(self) -> list[float]:
         """One exit: everything on, controllers included (FLOPs_total)."""
         return [self.cost.total() / 1e9]
