@@ -6,5 +6,6 @@ Imported by the CLI, so configs name them by short name (``class_path: Threshold
 from adaptive_vit.callbacks.calibration import ThresholdCalibration
 from adaptive_vit.callbacks.flops_budget import FlopsBudgetTracker
 from adaptive_vit.callbacks.robustness import RobustnessEvaluation
+from adaptive_vit.callbacks.visualize import VisualizeDecisions
 
-__all__ = ["FlopsBudgetTracker", "RobustnessEvaluation", "ThresholdCalibration"]
+__all__ = ["FlopsBudgetTracker", "RobustnessEvaluation", "ThresholdCalibration", "VisualizeDecisions"]

@@ -236,6 +236,18 @@ class CFViT(AdaptiveNetwork):
         costs = torch.tensor(self.exit_gflops(), device=x.device)
         return AdaptiveOutput(logits, exit_index, costs[exit_index])
 
+    def decision_maps(self, x: Tensor) -> dict[str, Tensor]:
+        """``regions`` (B, g, g) bool: the coarse patches re-split into 2×2 fine patches, as
+        `forward_adaptive` decides at the current thresholds (the top-k by global class
+        attention for images with max p_c < η; none for images answered by the coarse stage)."""
+        coarse = self.coarse_stage(x)
+        go_on = coarse.logits.softmax(-1).amax(-1) < self.exit_thresholds.tolist()[0]  # (B,)
+        informative, _ = self.select(coarse)  # (B, k)
+        regions = torch.zeros(x.shape[0], self.num_coarse, dtype=torch.bool, device=x.device)
+        regions.scatter_(1, informative, True)
+        regions &= go_on[:, None]
+        return {"regions": regions.view(-1, self.coarse_grid, self.coarse_grid)}
+
     # ------------------------------------------------------------------ costs
 
     def exit_gflops(self) -> list[float]:
