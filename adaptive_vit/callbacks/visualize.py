@@ -71,11 +71,11 @@ class VisualizeDecisions(Callback):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_dir = trainer.log_dir  # a collective call: every rank asks
         self.directory = self.output_dir or os.path.join(log_dir or trainer.default_root_dir, "decisions")
-        if trainer.is_global_zero:
-            _ensure_writable(self.directory)
+        _ensure_writable(self.directory)  # on every rank, so that all of them stop on a bad folder
         self._batches, self._count = [], 0
         batches = sum(trainer.num_predict_batches)  # inf for data of unknown length
-        self._per_batch = math.ceil(self.max_images / batches) if math.isfinite(batches) and batches else self.max_images
+        known = math.isfinite(batches) and batches > 0
+        self._per_batch = math.ceil(self.max_images / batches) if known else self.max_images
 
     @torch.no_grad()
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -113,8 +113,9 @@ class VisualizeDecisions(Callback):
         images = _to_pixels(decisions["images"], *_mean_std(trainer))
         names = _class_names(trainer)
         captions = [_caption(decisions, i, net.exit_names, names) for i in range(len(images))]
-        title = (f"{type(net).__name__}: exits {', '.join(net.exit_names)}; thresholds "
-                 f"{[round(t, 4) for t in net.exit_thresholds.tolist()]}")
+        counts = decisions["exit"].bincount(minlength=net.num_exits).tolist()
+        title = (f"{type(net).__name__}, thresholds {[round(t, 4) for t in net.exit_thresholds.tolist()]}: "
+                 + ", ".join(f"{n} images at exit {name}" for name, n in zip(net.exit_names, counts)))
         written = [self._save(plot_exits(images, captions, self.columns, title), "exits.png")]
         if "regions" in decisions["maps"]:
             figure = plot_regions(images, decisions["maps"]["regions"], captions, self.columns,
