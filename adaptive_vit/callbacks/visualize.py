@@ -14,7 +14,8 @@ It asks the LightningModule's network for its adaptive answer (`forward_adaptive
 - ``tokens.png`` (maps with ``tokens`` (B, L, rows, cols), MIA-Former): one row per image, one
   column per block, dropped patch tokens greyed out, skipped blocks greyed entirely, the active
   heads (``heads`` (B, L, H)) and executed blocks (``blocks`` (B, L)) written under each cell;
-- ``decisions.json``: the same per image (label, prediction, exit, confidence, GFLOPs, maps).
+- ``decisions.json``: the same per image (batch and row in the predict data, label, prediction,
+  exit, confidence, GFLOPs, maps as 0/1 lists).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class VisualizeDecisions(Callback):
         maps = net.decision_maps(x)
         self._batches.append({
             "images": x.detach().float().cpu(),
+            "where": [(batch_idx, r) for r in rows.tolist()],  # (batch, row) in the predict data
             "labels": None if labels is None or labels.ndim != 1 else labels.cpu(),
             "prediction": out.logits.argmax(-1).cpu(),
             "confidence": out.logits.float().softmax(-1).amax(-1).cpu(),
@@ -157,6 +159,7 @@ def _concatenate(batches: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("images", "prediction", "confidence", "exit", "gflops"):
         out[key] = torch.cat([b[key] for b in batches])
+    out["where"] = [place for b in batches for place in b["where"]]
     labelled = all(b["labels"] is not None for b in batches)
     out["labels"] = torch.cat([b["labels"] for b in batches]) if labelled else None
     out["maps"] = {k: torch.cat([b["maps"][k] for b in batches]) for k in batches[0]["maps"]}
@@ -193,7 +196,7 @@ def _to_pixels(images: Tensor, mean: Any, std: Any) -> np.ndarray:
 
 def _caption(decisions: dict[str, Any], i: int, exit_names: tuple[str, ...],
              class_names: list[str] | None) -> tuple[str, str]:
-    """(text, colour) under image i: prediction (and label), exit that answered, its confidence."""
+    """(text, colour) above image i: prediction (and label), exit that answered, its confidence."""
     def name(c: int) -> str:
         return class_names[c] if class_names and c < len(class_names) else str(c)
 
@@ -212,7 +215,8 @@ def _records(decisions: dict[str, Any], exit_names: tuple[str, ...]) -> list[dic
     records = []
     for i in range(len(decisions["prediction"])):
         record = {
-            "index": i,
+            "batch": decisions["where"][i][0],
+            "row": decisions["where"][i][1],
             "label": None if decisions["labels"] is None else int(decisions["labels"][i]),
             "prediction": int(decisions["prediction"][i]),
             "exit": int(decisions["exit"][i]),
