@@ -1,65 +1,237 @@
-"""Multi-process code paths on CPU: 2-process DDP (gloo) for `fit` and for threshold calibration."""
+"""Two CPU processes (DDP, gloo) give the answers of one: `validate` calibrates the same thresholds,
+`test` reports the same accuracy, GFLOPs, exit histogram, budget curve and robust accuracy, and
+MIA-Former's stage pipeline fits with both ranks' weights identical at every epoch.
+
+The evaluation set has 33 images in batches of 4: one process runs 9 batches (the last of one
+image), two processes 5 (rank 0, last batch of one image) and 4 (rank 1). Lightning's default
+DistributedSampler would pad rank 1 with a repeated image; ImageDataModule's unrepeated sampler and
+the callbacks' de-duplication must count every image exactly once.
+
+The 2-process runs are `python -m adaptive_vit ... --trainer.strategy ddp --trainer.devices 2`
+subprocesses (Lightning starts rank 1 by re-running the command), as on a cluster.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch import Callback, LightningModule, Trainer
 
-from adaptive_vit.callbacks import ThresholdCalibration
-from conftest import FAST_TRAINER, REPO, TINY_VIT
-from test_callbacks import data_root, datamodule, tiny_model, trainer  # noqa: F401 (fixture)
+from adaptive_vit.cli import AdaptiveViTCLI, main
+from conftest import FAST_TRAINER, REPO, make_image_folder
 
 pytestmark = pytest.mark.slow
 
-
-def test_calibration_under_ddp_equals_one_process(tmp_path, data_root):
-    """21 validation images over 2 ranks: the sampler pads one; calibration must drop it."""
-    reports = {}
-    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
-        run = tmp_path / f"devices{devices}"
-        calibration = ThresholdCalibration(budget_fractions=[0.5, 0.8], match_accuracy=True, curve_points=6,
-                                           save_checkpoint=False, plot=False)
-        validate = trainer(run, [calibration], devices=devices, strategy=strategy,
-                           logger=CSVLogger(run, name="run", version=0))
-        validate.validate(tiny_model(), datamodule(data_root, batch_size=4))
-        reports[devices] = json.loads((run / "run" / "version_0" / "thresholds.json").read_text())
-    one, two = reports[1], reports[2]
-    assert one["budgets"]["match_accuracy"]["num_images"] == 21
-    assert two["budgets"] == one["budgets"]
-    assert two["curve"] == one["curve"]
+NUM_IMAGES = 33  # per split: 3 classes x 11
+SMALL = ["--model.init_args.vit_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}"]
+FRACTIONS = {"dvt": [0.25, 0.4, 0.6], "cfvit": [0.5, 0.75]}  # calibrated budgets, above the first exit's cost
 
 
-def test_fit_with_ddp_on_two_cpu_processes(tmp_path, image_folder):
-    """`adaptive-vit fit` with strategy ddp (Lightning launches the second process) to the end,
-    with the FLOPs tracker and validation-time robustness reducing over both ranks."""
+class RanksAgree(Callback):
+    """Stops the run with an error when the DDP ranks' weights or buffers differ at an epoch's end
+    (e.g. a parameter DDP does not synchronise because it was frozen when DDP wrapped the model)."""
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        state = torch.cat([t.detach().double().flatten() for t in pl_module.state_dict().values()])
+        gathered = pl_module.all_gather(state)  # (world, numel)
+        differ = [k for k in range(1, len(gathered)) if not torch.equal(gathered[k], gathered[0])]
+        if differ:
+            raise RuntimeError(f"epoch {trainer.current_epoch}: ranks {differ} hold other weights than rank 0")
+
+
+# ---------------------------------------------------------------------- running and reading
+
+
+def run_one(cwd: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[Path, AdaptiveViTCLI]:
+    """`adaptive-vit ARGS` in this process, inside `cwd`; returns the run's version folder and the CLI."""
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    cli = main(list(args))
+    return _only_run(cwd), cli
+
+
+def run_two(cwd: Path, *args: str, strategy: str = "ddp") -> Path:
+    """`adaptive-vit ARGS` as 2 DDP processes on the CPU, inside `cwd`; returns the version folder."""
+    cwd.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "adaptive_vit", *args,
+               "--trainer.accelerator", "cpu", "--trainer.strategy", strategy, "--trainer.devices", "2"]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return _only_run(cwd)
+
+
+def _only_run(cwd: Path) -> Path:
+    (run,) = (cwd / "runs").glob("*/version_*")  # both ranks log into one folder
+    return run
+
+
+def logged(run: Path) -> dict[str, float]:
+    """Each metric's last value in the run's metrics.csv."""
+    values: dict[str, float] = {}
+    with open(run / "metrics.csv") as file:
+        for row in csv.DictReader(file):
+            values.update({k: float(v) for k, v in row.items() if v and k not in ("epoch", "step")})
+    return values
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as file:
+        return list(csv.DictReader(file))
+
+
+def assert_same_numbers(two: object, one: object, where: str = "") -> None:
+    """Equal structure, equal strings, numbers equal up to float summation order."""
+    if isinstance(one, dict):
+        assert isinstance(two, dict) and set(two) == set(one), f"{where}: keys {sorted(set(two) ^ set(one))}"
+        for key in one:
+            assert_same_numbers(two[key], one[key], f"{where}/{key}")
+    elif isinstance(one, list):
+        assert isinstance(two, list) and len(two) == len(one), where
+        for i, (a, b) in enumerate(zip(two, one)):
+            assert_same_numbers(a, b, f"{where}[{i}]")
+    else:
+        a, b = _number(two), _number(one)
+        if isinstance(b, float) and isinstance(a, float):
+            assert a == pytest.approx(b, rel=1e-6, abs=1e-12) or math.isnan(a) and math.isnan(b), (where, a, b)
+        else:
+            assert two == one, (where, two, one)
+
+
+def _number(value: object) -> object:
+    try:
+        return float(value)  # CSV cells are strings
+    except (TypeError, ValueError):
+        return value
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images", per_class=NUM_IMAGES // 3)
+
+
+def eval_args(method: str, images: Path, tmp_path: Path) -> list[str]:
+    """A tiny `method` demo model on `images` (test falls back to val: the same 33 images), all
+    evaluation batches, the three callbacks; PGD with a random start is left out (its noise is
+    drawn per batch, and batches hold other images with two processes)."""
     callbacks = tmp_path / "callbacks.yaml"
     callbacks.write_text(yaml.safe_dump({"trainer": {"callbacks": [
         {"class_path": "FlopsBudgetTracker"},
-        {"class_path": "RobustnessEvaluation",
-         "init_args": {"attacks": [{"name": "FGSM", "eps": 0.03}], "every_n_val_epochs": 1, "num_batches": 1}},
+        {"class_path": "ThresholdCalibration", "init_args": {
+            "budget_fractions": FRACTIONS[method], "match_accuracy": True, "stages": ["validate"],
+            "curve_points": 6, "plot": False}},
+        {"class_path": "RobustnessEvaluation", "init_args": {"attacks": [{"name": "FGSM", "eps": 0.03}]}},
     ]}}))
-    args = [
-        "fit", "--config", str(REPO / "configs/demo/static.yaml"), *TINY_VIT, *FAST_TRAINER,
-        "--data.init_args.dataset", "folder", "--data.init_args.root", str(image_folder),
+    extra = ["--model.init_args.cls_attn_start", "0"] if method == "cfvit" else []
+    return [
+        "--config", str(REPO / f"configs/demo/{method}.yaml"), *SMALL, *extra, *FAST_TRAINER,
+        "--data.init_args.dataset", "folder", "--data.init_args.root", str(images),
         "--data.init_args.batch_size", "4",
-        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", "2",
+        "--trainer.limit_val_batches", "1.0", "--trainer.limit_test_batches", "1.0",
         "--config", str(callbacks),
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "adaptive_vit", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (run,) = (tmp_path / "runs").glob("*/version_0")
+
+
+def median_thresholds(cli: AdaptiveViTCLI) -> str:
+    """Thresholds halfway between the two middle confidences of each early exit on the evaluation
+    images: about half of the images answer at each early exit that they reach, and no image sits
+    on a threshold."""
+    net = cli.model.net.eval()
+    with torch.no_grad():
+        confidences = torch.cat([
+            torch.stack([e.softmax(-1).amax(-1) for e in net.forward_exits(x)], dim=1)  # (B, K)
+            for x, _ in cli.datamodule.val_dataloader()
+        ])
+    middle = confidences[:, :-1].sort(dim=0).values[NUM_IMAGES // 2 - 1: NUM_IMAGES // 2 + 1]  # (2, K-1)
+    return str(middle.double().mean(0).tolist())
+
+
+@pytest.mark.parametrize("method", ["dvt", "cfvit"])
+def test_ddp_validate_and_test_equal_one_process(method, images, tmp_path, monkeypatch):
+    """Random weights (one step at lr 1e-9), thresholds at the median confidences: the exit
+    histogram is mixed. DVT (two thresholds) also calibrates under DDP; its random exits disagree
+    image by image, so its calibration is not degenerate (CF-ViT's two exits agree here)."""
+    args = eval_args(method, images, tmp_path)
+    fit, fit_cli = run_one(tmp_path / "fit", monkeypatch, "fit", *args, "--trainer.limit_train_batches", "1",
+                           "--trainer.limit_val_batches", "0", "--model.init_args.lr", "1e-9")
+    weights = fit / "checkpoints" / "last.ckpt"
+    thresholds = median_thresholds(fit_cli)
+
+    if method == "dvt":  # calibration: 1 and 2 processes
+        validate1, _ = run_one(tmp_path / "validate1", monkeypatch, "validate", *args, "--ckpt_path", str(weights))
+        validate2 = run_two(tmp_path / "validate2", "validate", *args, "--ckpt_path", str(weights))
+        one, two = (json.loads((run / "thresholds.json").read_text()) for run in (validate1, validate2))
+        assert {c["num_images"] for c in one["budgets"].values()} == {NUM_IMAGES}
+        assert len({tuple(c["thresholds"]) for c in one["curve"]}) > 2, "degenerate calibration: nothing to compare"
+        assert_same_numbers(two, one, "thresholds.json")  # every budget, the curve, the thresholds in use
+        assert (validate2 / "calibrated.ckpt").is_file()
+        assert_same_numbers(logged(validate2), logged(validate1), "validate")
+        assert_same_numbers(rows(validate2 / "flops_budget.csv"), rows(validate1 / "flops_budget.csv"))
+        weights = validate1 / "calibrated.ckpt"  # test evaluates its budgets too
+
+    test_args = [*args, "--ckpt_path", str(weights), "--model.init_args.thresholds", thresholds]
+    test1, _ = run_one(tmp_path / "test1", monkeypatch, "test", *test_args)
+    test2 = run_two(tmp_path / "test2", "test", *test_args)
+    metrics1, metrics2 = logged(test1), logged(test2)
+    names = fit_cli.model.net.exit_names
+    fractions = [metrics1[f"test/exit_{name}/fraction"] for name in names]
+    assert all(f > 0 for f in fractions), fractions
+    for name in ("test/top1", "test/gflops", "test/robust/clean_top1", "test/robust/fgsm_eps0.03/top1",
+                 "test/flops/gflops", *(f"test/exit_{n}/top1" for n in names)):
+        assert name in metrics1, name
+    assert_same_numbers(metrics2, metrics1, "test")
+    counts = [f * NUM_IMAGES for f in fractions]
+    assert counts == pytest.approx([round(c) for c in counts], abs=1e-4)  # whole images out of 33
+
+    (flops1,), (flops2,) = rows(test1 / "flops_budget.csv"), rows(test2 / "flops_budget.csv")
+    assert int(flops1["images"]) == int(flops2["images"]) == NUM_IMAGES  # none padded, none dropped
+    assert_same_numbers(flops2, flops1, "flops_budget.csv")
+    if method == "dvt":
+        assert "test/budget/fraction_0.4/top1" in metrics1
+        assert_same_numbers(rows(test2 / "test_budget_curve.csv"), rows(test1 / "test_budget_curve.csv"))
+
+
+# ---------------------------------------------------------------------- training
+
+
+def test_mia_pipeline_fits_under_ddp_across_stage_boundaries(tmp_path, images):
+    """All four MIA-Former phases (2 batches each) under 2-process DDP, from random weights.
+    The phases freeze and unfreeze blocks and critics, so parameters go unused: DDP needs
+    `find_unused_parameters` (`--trainer.strategy ddp_find_unused_parameters_true`). The ranks'
+    weights are compared after every epoch; the FLOPs tracker and validation-time robustness
+    reduce over both ranks and rank 0 alone writes the run folder."""
+    callbacks = tmp_path / "callbacks.yaml"
+    callbacks.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "FlopsBudgetTracker", "init_args": {"per_block": True}},
+        {"class_path": "RobustnessEvaluation",
+         "init_args": {"attacks": [{"name": "FGSM", "eps": 0.03}], "every_n_val_epochs": 1, "num_batches": 1}},
+        {"class_path": "test_ddp.RanksAgree"},
+    ]}}))
+    run = run_two(
+        tmp_path / "fit", "fit", "--config", str(REPO / "configs/demo/mia.yaml"), *SMALL, *FAST_TRAINER,
+        "--data.init_args.dataset", "folder", "--data.init_args.root", str(images),
+        "--data.init_args.batch_size", "4", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--model.init_args.stage_epochs", "[1, 1, 1, 1]", "--trainer.max_epochs", "4",
+        "--config", str(callbacks), strategy="ddp_find_unused_parameters_true",
+    )
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    assert not list((tmp_path / "runs").glob("*/version_1"))  # both ranks wrote into one run folder
-    metrics = (run / "metrics.csv").read_text()
-    assert "val/robust/fgsm_eps0.03/top1" in metrics and "val/flops/ratio" in metrics
-    flops_rows = (run / "flops_budget.csv").read_text().splitlines()
-    assert len(flops_rows) == 1 + 4  # header + (val, train) x 2 epochs, written by rank 0 only
+    with open(run / "metrics.csv") as file:
+        phases = [float(r["train/phase"]) for r in csv.DictReader(file) if r.get("train/phase")]
+    assert phases == [1.0, 2.0, 3.0, 4.0]
+    metrics = logged(run)
+    assert "val/robust/fgsm_eps0.03/top1" in metrics and "val/flops/skip_tokens" in metrics
+    flops = rows(run / "flops_budget.csv")
+    assert [(r["epoch"], r["stage"]) for r in flops] == [(str(e), s) for e in range(4) for s in ("val", "train")]
+    assert {r["stage"]: int(r["images"]) for r in flops} == {"train": 2 * 2 * 4, "val": 2 * 4}  # ranks x batches x 4

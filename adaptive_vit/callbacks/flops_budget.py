@@ -27,7 +27,8 @@ class FlopsBudgetTracker(Callback):
     image), ``<stage>/flops/ratio`` (to the static backbone's GFLOPs), ``<stage>/flops/exit_<name>``
     (fraction of images answering there, multi-exit models), ``<stage>/flops/skip_<kind>`` (mean
     fraction of blocks, heads or tokens skipped) and, with `per_block`, ``skip_<kind>_<l>`` per
-    block. Rows of the same figures go to ``flops_budget.csv`` in the log folder.
+    block. Rows of the same figures, with the number of images they average over (summed over
+    DDP ranks), go to ``flops_budget.csv`` in the log folder.
 
     Args:
         target_gflops: mean GFLOPs per image the evaluated model should stay within (None: no check).
@@ -128,7 +129,7 @@ class FlopsBudgetTracker(Callback):
         count = sums["count"]
         static = net.static_gflops()
         row: dict[str, Any] = {
-            "epoch": trainer.current_epoch, "stage": stage,
+            "epoch": trainer.current_epoch, "stage": stage, "images": int(count.item()),
             "gflops": (sums["gflops"] / count).item(), "static_gflops": static,
         }
         row["ratio"] = row["gflops"] / static
@@ -142,7 +143,7 @@ class FlopsBudgetTracker(Callback):
                 row[f"skip_{key[5:]}"] = sum(skipped) / len(skipped)
                 row.update({f"skip_{key[5:]}_{l}": s for l, s in enumerate(skipped)})
         for key, value in row.items():
-            if key in ("epoch", "stage", "static_gflops", "target_gflops"):
+            if key in ("epoch", "stage", "images", "static_gflops", "target_gflops"):
                 continue
             is_block = key.startswith("skip_") and key.rsplit("_", 1)[1].isdigit()
             if key.startswith("exit_") and net.num_exits == 1 or is_block and not self.per_block:
