@@ -14,11 +14,15 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 # Imported so that configs can name every class by its short name.
 import adaptive_vit.callbacks  # noqa: F401
@@ -45,9 +49,33 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+class ResumableCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose `save_on_exception` writes `last.ckpt` only.
+
+    A fit stopped by an exception, Ctrl+C or SIGTERM (a preempted cluster job; Lightning stops
+    at the end of the current batch) then leaves `last.ckpt` at the batch it stopped at, and
+    `adaptive-vit fit --config X --ckpt_path last` continues from there. Lightning's own
+    `on_exception` also writes a checkpoint named like the monitored ones (`best-NNN.ckpt`
+    here), which would pass for a best model.
+    """
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not self._should_save_on_exception(trainer):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        rank_zero_info(
+            f"fit stopped by {type(exception).__name__} at step {trainer.global_step}: saved "
+            f"{self.last_model_path}; continue with `adaptive-vit fit ... --ckpt_path last`."
+        )
+
+
 class AdaptiveViTCLI(LightningCLI):
-    """LightningCLI with checkpointing on val/top1, the run's config saved beside its logs,
-    `num_classes` linked from the data, and `flops` / `benchmark` subcommands."""
+    """LightningCLI with checkpointing on val/top1 (and `last.ckpt` when a fit is interrupted),
+    `--ckpt_path last` resuming the newest run of the config in its own folder, the run's config
+    saved beside its logs, `num_classes` linked from the data, and `flops` / `benchmark`
+    subcommands."""
+
+    _resuming = False
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -58,11 +86,12 @@ class AdaptiveViTCLI(LightningCLI):
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/top1",
             "checkpoint.mode": "max",
             "checkpoint.save_last": True,
+            "checkpoint.save_on_exception": True,
             "checkpoint.filename": "best-{epoch:03d}",
             "checkpoint.auto_insert_metric_name": False,
             **{f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()},
@@ -80,6 +109,8 @@ class AdaptiveViTCLI(LightningCLI):
         """
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
+            self._resume_last(self.config.fit)
         # `flops` and `benchmark` measure one model in one process: a config written for 8 GPUs
         # with DDP and AMP must still run them (on whatever device this machine has).
         if self.subcommand in ("flops", "benchmark"):
@@ -97,6 +128,47 @@ class AdaptiveViTCLI(LightningCLI):
         else:
             super().instantiate_classes()
         _share_version_folder(self.trainer.loggers)
+        if self._resuming:
+            _keep_csv_metrics(self.trainer.loggers)
+
+    def _resume_last(self, config: Any) -> None:
+        """`fit --ckpt_path last`: continue the newest run of this config, in its folder.
+
+        Lightning would look for `last` in the checkpoint folder of the new run it is starting
+        (an empty `version_N+1`). Here it is the most recently written
+        `<save_dir>/<name>/version_*/checkpoints/last.ckpt` of the config's first logger (or
+        `checkpoint.dirpath`), and the loggers write on in that version folder: metrics.csv is
+        appended to, TensorBoard adds an event file, and this run's config is saved as
+        `config-resumed-N.yaml` beside the original `config.yaml`.
+        """
+        loggers = _logger_configs(config.trainer.logger)
+        if config.checkpoint.get("dirpath"):
+            pattern = Path(config.checkpoint.dirpath) / "last.ckpt"
+            found = [pattern] if pattern.is_file() else []
+        else:
+            if loggers:
+                root = Path(loggers[0].save_dir or ".") / (loggers[0].name or "")
+            else:  # Lightning's default logger
+                root = Path(config.trainer.default_root_dir or ".") / "lightning_logs"
+            pattern = root / "version_*" / "checkpoints" / "last.ckpt"
+            found = list(root.glob("version_*/checkpoints/last.ckpt"))
+        if not found:
+            raise FileNotFoundError(
+                f"--ckpt_path last: no checkpoint to resume, looked for {pattern} (the save_dir and "
+                "name of this config's logger). Start the run without --ckpt_path, or pass the "
+                "checkpoint file: --ckpt_path runs/<name>/version_N/checkpoints/last.ckpt."
+            )
+        last = max(found, key=lambda path: path.stat().st_mtime)
+        config.ckpt_path = str(last.resolve())
+        run_dir = last.parent.parent
+        for logger in loggers:
+            if Path(logger.save_dir or ".") / (logger.name or "") == run_dir.parent and logger.version is None:
+                logger.version = run_dir.name
+        resumed = len(list(run_dir.glob("config-resumed-*.yaml"))) + 1
+        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config-resumed-{resumed}.yaml"}
+        self._resuming = True
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        rank_zero_info(f"Resuming {last}, logging on in {run_dir}")
 
     def _check_weights(self, subcommand: str) -> None:
         ckpt_path = self.config[subcommand].get("ckpt_path")
@@ -129,6 +201,31 @@ def _share_version_folder(loggers: list[Any]) -> None:
             # The CSV logger then warns that the (shared) folder is not empty; it only writes its
             # own metrics.csv there, which is new in a new version folder.
             warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+
+
+def _logger_configs(logger: Any) -> list[Any]:
+    """The `init_args` of the configured loggers that have a save_dir (none for `logger: false`
+    or Lightning's default)."""
+    configs = logger if isinstance(logger, list) else [logger]
+    return [c.init_args for c in configs
+            if hasattr(c, "init_args") and getattr(c.init_args, "save_dir", None) is not None]
+
+
+def _keep_csv_metrics(loggers: list[Any]) -> None:
+    """A CSVLogger deletes the metrics.csv it finds in its folder when it starts: on resuming,
+    put the interrupted run's rows back and append after them."""
+    for logger in loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        if not path.is_file():
+            continue
+        rows = path.read_text()
+        experiment = logger.experiment  # created here: removes metrics.csv
+        if not hasattr(experiment, "metrics_keys"):  # not rank 0: nothing is written here
+            continue
+        path.write_text(rows)
+        experiment.metrics_keys = rows.splitlines()[0].split(",") if rows else []
 
 
 def main(args: list[str] | None = None) -> AdaptiveViTCLI | None:

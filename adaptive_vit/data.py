@@ -30,9 +30,12 @@ dataset is returned in its place.
 
 from __future__ import annotations
 
+import math
 import pickle
+import random
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cache, partial
 from pathlib import Path
 from typing import Any
@@ -44,10 +47,10 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.mixup import mixup_target
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
-__all__ = ["DATASETS", "ImageDataModule", "UnreadableImageWarning"]
+__all__ = ["DATASETS", "ImageDataModule", "ResumableSampler", "UnreadableImageWarning"]
 
 DATASETS = ("imagenet", "cifar10", "cifar100", "folder", "demo")
 
@@ -203,6 +206,105 @@ class _ClassFolder(ImageFolder):
             )
 
 
+def _mix_seeds(*parts: int) -> int:
+    """One seed in [0, 2**62) from several integers (order matters)."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part)) % 2**62
+    return seed
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run a block with the torch (CPU), numpy and python RNGs seeded by ``seed``, then put their
+    previous states back: the block neither depends on nor advances the global streams."""
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it reseeds CUDA too
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
+
+
+class _SeededSamples(Dataset):
+    """Training samples whose augmentation draws from their own seed.
+
+    Items are ``(index, seed)`` pairs from :class:`ResumableSampler`: an image's random crop,
+    flip, RandAugment and erasing depend only on the run's seed, the epoch and the image, not
+    on the worker that loads it, the number of workers, or what was loaded before. That is what
+    lets an interrupted run continue with bit-identical batches.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self._wrapped = dataset
+
+    def __len__(self) -> int:
+        return len(self._wrapped)
+
+    def __getattr__(self, name: str) -> Any:  # `samples`, `indices`, `dataset`... of the wrapped one
+        # not `__getitems__` (batched fetching would bypass the seeds), nor `_wrapped` itself
+        # (not set yet while unpickling in a worker)
+        if name.startswith("__") or name == "_wrapped":
+            raise AttributeError(name)
+        return getattr(self._wrapped, name)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> Any:
+        """``dataset[index]`` as usual, or ``dataset[(index, seed)]`` with its own seed."""
+        if isinstance(item, int):
+            return self._wrapped[item]
+        index, seed = item
+        with _seeded(seed):
+            return self._wrapped[index]
+
+
+class ResumableSampler(DistributedSampler):
+    """The training order: a shuffle of (seed, epoch) that can start mid-epoch.
+
+    Yields ``(index, sample_seed)`` pairs for :class:`_SeededSamples`. Each epoch's order and
+    per-image seeds come from a generator seeded with ``seed + epoch`` (Lightning calls
+    :meth:`set_epoch`), so they never touch the global RNG. Under DDP each rank takes every
+    ``num_replicas``-th image of the padded order, as :class:`DistributedSampler` does (being
+    one, Lightning does not replace it).
+
+    A run resumed from a mid-epoch checkpoint skips the ``start`` images this rank had already
+    trained on in that epoch (:meth:`resume_at`). The position comes from Lightning's count of
+    completed batches, not from how far the loader had read ahead: Lightning prefetches a batch,
+    so a loader's own "samples yielded" would skip one batch on resume.
+
+    Args:
+        dataset: the training dataset (only its length is used).
+        num_replicas: number of DDP processes (1 without DDP).
+        rank: this process's global rank.
+        seed: seed of the order and of the per-image augmentation seeds.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, start: int) -> None:
+        """Start epoch ``epoch`` at this rank's ``start``-th image (once)."""
+        self._resume = (epoch, start)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        n = len(self.dataset)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=generator).tolist()
+        seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()  # per image index
+        padding = self.total_size - n
+        order += (order * math.ceil(padding / n))[:padding] if padding > 0 else []
+        shard = order[self.rank:self.total_size:self.num_replicas]
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = self._resume[1]
+            self._resume = None
+        return iter([(i, seeds[i]) for i in shard[start:]])
+
+
 class ImageDataModule(LightningDataModule):
     """Image classification data with the DeiT training recipe (timm transforms, Mixup)."""
 
@@ -309,6 +411,10 @@ class ImageDataModule(LightningDataModule):
         self._mean, self._std = self._normalisation(mean, std)
         self._classes: list[str] | None = None
         self._datasets: dict[str, Dataset] = {}
+        # the training order's seed (drawn from the global RNG once) and, after loading a
+        # mid-epoch checkpoint, where to resume: see `state_dict`
+        self._train_seed: int | None = None
+        self._resume: dict[str, int] = {}
         self._num_classes = _FIXED_NUM_CLASSES.get(dataset) or len(self._train_classes())
 
         demo = dataset == "demo"
@@ -386,8 +492,40 @@ class ImageDataModule(LightningDataModule):
                 self._datasets[split] = self._build(split)
 
     def train_dataloader(self) -> DataLoader:
+        if "train" not in self._datasets:
+            raise RuntimeError("the 'train' split is not set up; call setup() first")
+        if self._train_seed is None:  # after seed_everything: the same on every DDP rank
+            self._train_seed = int(torch.randint(0, 2**31, ()).item())
+        sampler = ResumableSampler(
+            self._datasets["train"],
+            num_replicas=getattr(self.trainer, "world_size", 1),
+            rank=getattr(self.trainer, "global_rank", 0),
+            seed=self._train_seed,
+        )
+        if self._resume:
+            sampler.resume_at(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+            self._resume = {}
         # Mixup needs even batches: drop the last, possibly odd, one.
-        return self._loader("train", shuffle=True, drop_last=self.soft_targets)
+        return self._make_loader(_SeededSamples(self._datasets["train"]), sampler,
+                                 drop_last=self.soft_targets, generator=torch.Generator().manual_seed(self._train_seed))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue the training data exactly: the order's seed and,
+        while fitting, the epoch and the number of batches already trained in it."""
+        state: dict[str, Any] = {"train_seed": self._train_seed}
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            state["epoch"] = trainer.current_epoch
+            state["batches"] = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (before the train loader is built)."""
+        self._train_seed = state_dict.get("train_seed", self._train_seed)
+        if "epoch" in state_dict:
+            self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
+            # Lightning warns that a plain DataLoader cannot resume mid-epoch: this one does
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
@@ -402,8 +540,18 @@ class ImageDataModule(LightningDataModule):
         """Apply Mixup/CutMix/label smoothing on the device to training batches only."""
         if self._mixer is not None and self.trainer is not None and self.trainer.training:
             images, targets = batch
-            return self._mixer(images, targets)
+            with _seeded(self._batch_seed()):  # the mix of a batch survives an interrupted run
+                return self._mixer(images, targets)
         return batch
+
+    def _batch_seed(self) -> int:
+        """A seed of (run, epoch, batch, rank) for the current training batch's Mixup/CutMix."""
+        trainer = self.trainer
+        loop = getattr(trainer, "fit_loop", None)
+        batch = loop.epoch_loop.batch_progress.current.ready if loop is not None else 0
+        parts = (self._train_seed or 0, getattr(trainer, "current_epoch", 0), batch,
+                 getattr(trainer, "global_rank", 0))
+        return _mix_seeds(*parts)
 
     # ------------------------------------------------------------------ helpers
 
@@ -429,18 +577,23 @@ class ImageDataModule(LightningDataModule):
             return partial(_smooth_labels, num_classes=self.num_classes, smoothing=label_smoothing)
         return None
 
-    def _loader(self, split: str, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         if split not in self._datasets:
             raise RuntimeError(f"the {split!r} split is not set up; call setup() first")
+        dataset = self._datasets[split]
+        return self._make_loader(dataset, self._eval_sampler(dataset))
+
+    def _make_loader(self, dataset: Dataset, sampler: Sampler | None, drop_last: bool = False,
+                     generator: torch.Generator | None = None) -> DataLoader:
         return DataLoader(
-            self._datasets[split],
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            sampler=None if split == "train" else self._eval_sampler(self._datasets[split]),
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.accelerator.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
+            generator=generator,
         )
 
     def _eval_sampler(self, dataset: Dataset) -> Sampler | None:

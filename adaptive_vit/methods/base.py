@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -69,6 +71,10 @@ class AdaptiveLitModule(LightningModule):
         self.net: AdaptiveNetwork = self.configure_network()
         # calibrated thresholds per budget name: {"name": {"thresholds": [...], "gflops": ...}}
         self.calibrations: dict[str, dict[str, Any]] = {}
+        # RNG states at the start of the current training batch, and those to restore when a fit
+        # resumes: see `on_save_checkpoint`
+        self._batch_rng: dict[str, Any] | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
         self.configure_metrics()
         if init_from:
             self.load_init_weights(init_from)
@@ -326,8 +332,40 @@ class AdaptiveLitModule(LightningModule):
         """Whether `init_from` may take another method's checkpoint (MIA-Former takes a static one)."""
         return False
 
+    # ------------------------------------------------------------------ exact resume
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # first batch after resuming: continue the streams
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+        self._batch_rng = rng_states()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._batch_rng = rng_states()  # = the next batch's start: nothing draws in between
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the calibrations and the RNG states a resumed fit continues from.
+
+        Lightning stores no RNG state, and drop path, dropout and Gumbel noise draw from the
+        global torch stream in `training_step` (data augmentation and Mixup have their own seeds,
+        see `adaptive_vit.data`). A resumed fit restores the states at its first training batch
+        (after the sanity check, which may draw too). A checkpoint written while a batch was under
+        way (an exception, an interrupt) resumes at that batch: it stores the states of the
+        batch's start, not the current ones. Subclasses overriding `on_train_batch_start/end`
+        call super().
+        """
         checkpoint["adaptive_vit"] = {"method": type(self).__name__, "calibrations": self.calibrations}
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        if self._rng_to_restore is not None:  # resumed, and interrupted again before a batch ran
+            rng = self._rng_to_restore
+        elif progress.ready > progress.completed and self._batch_rng is not None:
+            rng = self._batch_rng
+        else:
+            rng = rng_states()
+        checkpoint["adaptive_vit"]["rng"] = rng
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("adaptive_vit", {})
@@ -339,6 +377,36 @@ class AdaptiveLitModule(LightningModule):
                 "(the run's saved config.yaml) or a checkpoint of this method."
             )
         self.calibrations = dict(saved.get("calibrations", {}))
+        self._rng_to_restore = saved.get("rng")
+
+
+def rng_states() -> dict[str, Any]:
+    """The global torch (CPU and CUDA), numpy and python RNG states, as tensors and plain
+    Python values (loadable with `weights_only=True`)."""
+    _, keys, position, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore `rng_states()`. Under DDP every rank restores rank 0's states: ranks seeded
+    alike (`seed_everything`, the default) had the same ones anyway."""
+    torch.set_rng_state(states["torch"])
+    numpy = states["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def load_checkpoint_file(path: str, extra_safe_globals: Iterable[Any] = ()) -> Any:
