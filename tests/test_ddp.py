@@ -122,17 +122,29 @@ def images(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images", per_class=NUM_IMAGES // 3)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread, as each DDP process has: the tiny models' many small ops gain nothing from two
+    threads, and lose much when the machine's cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def eval_args(method: str, images: Path, tmp_path: Path) -> list[str]:
-    """A tiny `method` demo model on `images` (test falls back to val: the same 33 images), all
-    evaluation batches, the three callbacks; PGD with a random start is left out (its noise is
-    drawn per batch, and batches hold other images with two processes)."""
+    """A tiny `method` demo model on `images` (test falls back to val: the same 33 images), every
+    evaluation batch, and the three callbacks, robustness at validation too (on every batch: its
+    `num_batches` counts per process). PGD is left out: its random start is drawn per batch, and
+    batches hold other images with two processes."""
     callbacks = tmp_path / "callbacks.yaml"
     callbacks.write_text(yaml.safe_dump({"trainer": {"callbacks": [
         {"class_path": "FlopsBudgetTracker"},
         {"class_path": "ThresholdCalibration", "init_args": {
             "budget_fractions": FRACTIONS[method], "match_accuracy": True, "stages": ["validate"],
             "curve_points": 6, "plot": False}},
-        {"class_path": "RobustnessEvaluation", "init_args": {"attacks": [{"name": "FGSM", "eps": 0.03}]}},
+        {"class_path": "RobustnessEvaluation", "init_args": {
+            "attacks": [{"name": "FGSM", "eps": 0.03}], "every_n_val_epochs": 1, "num_batches": 100}},
     ]}}))
     extra = ["--model.init_args.cls_attn_start", "0"] if method == "cfvit" else []
     return [
@@ -144,10 +156,13 @@ def eval_args(method: str, images: Path, tmp_path: Path) -> list[str]:
     ]
 
 
-def median_thresholds(cli: AdaptiveViTCLI) -> str:
-    """Thresholds halfway between the two middle confidences of each early exit on the evaluation
-    images: about half of the images answer at each early exit that they reach, and no image sits
-    on a threshold."""
+def random_weights(method: str, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    """A checkpoint of random weights (one step at lr 1e-9) and thresholds by hand halfway between
+    the two middle confidences of each early exit on the evaluation images: about half of the
+    images answer at each early exit they reach, and no image sits on a threshold."""
+    run, cli = run_one(tmp_path / "fit", monkeypatch, "fit", *eval_args(method, images, tmp_path),
+                       "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0",
+                       "--model.init_args.lr", "1e-9")
     net = cli.model.net.eval()
     with torch.no_grad():
         confidences = torch.cat([
@@ -155,52 +170,55 @@ def median_thresholds(cli: AdaptiveViTCLI) -> str:
             for x, _ in cli.datamodule.val_dataloader()
         ])
     middle = confidences[:, :-1].sort(dim=0).values[NUM_IMAGES // 2 - 1: NUM_IMAGES // 2 + 1]  # (2, K-1)
-    return str(middle.double().mean(0).tolist())
+    return run / "checkpoints" / "last.ckpt", str(middle.double().mean(0).tolist())
 
 
-@pytest.mark.parametrize("method", ["dvt", "cfvit"])
-def test_ddp_validate_and_test_equal_one_process(method, images, tmp_path, monkeypatch):
-    """Random weights (one step at lr 1e-9), thresholds at the median confidences: the exit
-    histogram is mixed. DVT (two thresholds) also calibrates under DDP; its random exits disagree
-    image by image, so its calibration is not degenerate (CF-ViT's two exits agree here)."""
-    args = eval_args(method, images, tmp_path)
-    fit, fit_cli = run_one(tmp_path / "fit", monkeypatch, "fit", *args, "--trainer.limit_train_batches", "1",
-                           "--trainer.limit_val_batches", "0", "--model.init_args.lr", "1e-9")
-    weights = fit / "checkpoints" / "last.ckpt"
-    thresholds = median_thresholds(fit_cli)
-
-    if method == "dvt":  # calibration: 1 and 2 processes
-        validate1, _ = run_one(tmp_path / "validate1", monkeypatch, "validate", *args, "--ckpt_path", str(weights))
-        validate2 = run_two(tmp_path / "validate2", "validate", *args, "--ckpt_path", str(weights))
-        one, two = (json.loads((run / "thresholds.json").read_text()) for run in (validate1, validate2))
-        assert {c["num_images"] for c in one["budgets"].values()} == {NUM_IMAGES}
-        assert len({tuple(c["thresholds"]) for c in one["curve"]}) > 2, "degenerate calibration: nothing to compare"
-        assert_same_numbers(two, one, "thresholds.json")  # every budget, the curve, the thresholds in use
-        assert (validate2 / "calibrated.ckpt").is_file()
-        assert_same_numbers(logged(validate2), logged(validate1), "validate")
-        assert_same_numbers(rows(validate2 / "flops_budget.csv"), rows(validate1 / "flops_budget.csv"))
-        weights = validate1 / "calibrated.ckpt"  # test evaluates its budgets too
-
-    test_args = [*args, "--ckpt_path", str(weights), "--model.init_args.thresholds", thresholds]
-    test1, _ = run_one(tmp_path / "test1", monkeypatch, "test", *test_args)
-    test2 = run_two(tmp_path / "test2", "test", *test_args)
-    metrics1, metrics2 = logged(test1), logged(test2)
-    names = fit_cli.model.net.exit_names
-    fractions = [metrics1[f"test/exit_{name}/fraction"] for name in names]
-    assert all(f > 0 for f in fractions), fractions
-    for name in ("test/top1", "test/gflops", "test/robust/clean_top1", "test/robust/fgsm_eps0.03/top1",
-                 "test/flops/gflops", *(f"test/exit_{n}/top1" for n in names)):
-        assert name in metrics1, name
-    assert_same_numbers(metrics2, metrics1, "test")
+def assert_same_evaluation(run1: Path, run2: Path, stage: str, exit_names: tuple[str, ...]) -> None:
+    """The two runs logged the same metrics and FLOPs rows, over all the images, each once."""
+    metrics1, metrics2 = logged(run1), logged(run2)
+    fractions = [metrics1[f"{stage}/exit_{name}/fraction"] for name in exit_names]
+    assert all(f > 0 for f in fractions), f"an exit takes no image, a weak comparison: {fractions}"
+    for name in ("top1", "gflops", "robust/clean_top1", "robust/fgsm_eps0.03/top1", "flops/gflops",
+                 *(f"exit_{n}/top1" for n in exit_names)):
+        assert f"{stage}/{name}" in metrics1, name
+    assert_same_numbers(metrics2, metrics1, f"{stage} metrics")
     counts = [f * NUM_IMAGES for f in fractions]
     assert counts == pytest.approx([round(c) for c in counts], abs=1e-4)  # whole images out of 33
-
-    (flops1,), (flops2,) = rows(test1 / "flops_budget.csv"), rows(test2 / "flops_budget.csv")
+    (flops1,), (flops2,) = rows(run1 / "flops_budget.csv"), rows(run2 / "flops_budget.csv")
     assert int(flops1["images"]) == int(flops2["images"]) == NUM_IMAGES  # none padded, none dropped
     assert_same_numbers(flops2, flops1, "flops_budget.csv")
-    if method == "dvt":
-        assert "test/budget/fraction_0.4/top1" in metrics1
-        assert_same_numbers(rows(test2 / "test_budget_curve.csv"), rows(test1 / "test_budget_curve.csv"))
+
+
+def test_ddp_validate_calibrates_like_one_process(images, tmp_path, monkeypatch):
+    """DVT, three exits of random weights that disagree image by image: `validate` calibrates
+    every budget and the curve to the same thresholds, and reports the same accuracy, GFLOPs,
+    exit histogram and robust accuracy (at the hand-set thresholds) with 2 processes as with 1."""
+    weights, thresholds = random_weights("dvt", images, tmp_path, monkeypatch)
+    args = ["validate", *eval_args("dvt", images, tmp_path), "--ckpt_path", str(weights),
+            "--model.init_args.thresholds", thresholds]
+    validate1, cli = run_one(tmp_path / "validate1", monkeypatch, *args)
+    validate2 = run_two(tmp_path / "validate2", *args)
+    one, two = (json.loads((run / "thresholds.json").read_text()) for run in (validate1, validate2))
+    assert {c["num_images"] for c in one["budgets"].values()} == {NUM_IMAGES}
+    assert len({tuple(c["thresholds"]) for c in one["curve"]}) > 2, "degenerate calibration: a weak comparison"
+    assert_same_numbers(two, one, "thresholds.json")  # every budget, the curve, the thresholds in use
+    assert (validate2 / "calibrated.ckpt").is_file()
+    assert_same_evaluation(validate1, validate2, "val", cli.model.net.exit_names)
+
+
+def test_ddp_test_reports_like_one_process(images, tmp_path, monkeypatch):
+    """CF-ViT at hand-set thresholds, from a checkpoint with calibrated budgets: `test` reports
+    the same accuracy, GFLOPs, exit histogram, robust accuracy and budget curve with 2 processes
+    as with 1."""
+    weights, thresholds = random_weights("cfvit", images, tmp_path, monkeypatch)
+    args = eval_args("cfvit", images, tmp_path)
+    validate, _ = run_one(tmp_path / "validate", monkeypatch, "validate", *args, "--ckpt_path", str(weights))
+    args = ["test", *args, "--ckpt_path", str(validate / "calibrated.ckpt"), "--model.init_args.thresholds", thresholds]
+    test1, cli = run_one(tmp_path / "test1", monkeypatch, *args)
+    test2 = run_two(tmp_path / "test2", *args)
+    assert_same_evaluation(test1, test2, "test", cli.model.net.exit_names)
+    assert "test/budget/fraction_0.5/top1" in logged(test1)
+    assert_same_numbers(rows(test2 / "test_budget_curve.csv"), rows(test1 / "test_budget_curve.csv"))
 
 
 # ---------------------------------------------------------------------- training
