@@ -516,7 +516,9 @@ class ImageDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is not None and trainer.state.fn == "fit" and not trainer.sanity_checking:
             state["epoch"] = trainer.current_epoch
-            state["batches"] = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            # trained batches: `processed` counts a batch once its optimiser step is done (a
+            # checkpoint saved in on_train_batch_end, before Lightning marks it completed, too)
+            state["batches"] = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -361,7 +361,7 @@ class AdaptiveLitModule(LightningModule):
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         if self._rng_to_restore is not None:  # resumed, and interrupted again before a batch ran
             rng = self._rng_to_restore
-        elif progress.ready > progress.completed and self._batch_rng is not None:
+        elif progress.ready > progress.processed and self._batch_rng is not None:  # not yet trained
             rng = self._batch_rng
         else:
             rng = rng_states()
