@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 DEMO_RUNS ?= runs/demo
+RESULTS_RUNS ?= runs/results
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install test demo results clean
@@ -27,6 +28,10 @@ test: install
 
 demo: install
 	$(PY) benchmarks/demo.py --runs $(DEMO_RUNS)
+
+# Trains, calibrates, tests and times every demo model; writes results/ (tables and figures).
+results: install
+	$(PY) benchmarks/results.py --runs $(RESULTS_RUNS)
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
