@@ -20,12 +20,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.data import DataLoader, DistributedSampler
 
+from adaptive_vit.callbacks import calibration
+from adaptive_vit.callbacks.calibration import SampleCollector
 from adaptive_vit.cli import AdaptiveViTCLI, main
 from conftest import FAST_TRAINER, REPO, make_image_folder
 
@@ -219,6 +223,34 @@ def test_ddp_test_reports_like_one_process(images, tmp_path, monkeypatch):
     assert_same_evaluation(test1, test2, "test", cli.model.net.exit_names)
     assert "test/budget/fraction_0.5/top1" in logged(test1)
     assert_same_numbers(rows(test2 / "test_budget_curve.csv"), rows(test1 / "test_budget_curve.csv"))
+
+
+def test_calibration_counts_padded_images_once(monkeypatch):
+    """A data module with Lightning's default DistributedSampler (not ImageDataModule) pads rank 1
+    with image 0 again: the calibration samples keep one copy of each image, in index order."""
+    dataset = torch.arange(5)
+    samplers = [DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False) for rank in (0, 1)]
+    loaders = [DataLoader(dataset, batch_size=2, sampler=sampler) for sampler in samplers]
+    assert [list(sampler) for sampler in samplers] == [[0, 2, 4], [1, 3, 0]]
+    collectors = []
+    for loader in loaders:
+        collector = SampleCollector(loader, keys=("value",))
+        for batch in loader:
+            collector.add({"value": 10.0 * batch})
+        collectors.append(collector)
+
+    def module(world_size: int) -> SimpleNamespace:
+        return SimpleNamespace(device=torch.device("cpu"), trainer=SimpleNamespace(world_size=world_size))
+
+    rank1 = collectors[1].gather(module(1))
+
+    def exchange(_, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # rank 0's all_gather
+        return {key: torch.cat([local[key], rank1[key]]) for key in local}
+
+    monkeypatch.setattr(calibration, "_all_gather_ragged", exchange)
+    samples = collectors[0].gather(module(2))
+    assert samples["index"].tolist() == [0, 1, 2, 3, 4]
+    assert samples["value"].tolist() == [0.0, 10.0, 20.0, 30.0, 40.0]
 
 
 # ---------------------------------------------------------------------- training
