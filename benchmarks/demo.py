@@ -2,7 +2,7 @@
 
 Runs, in order, each config of configs/demo/ that exists (the static model first: MIA-Former
 starts from its checkpoint), `fit` then `test` on the best checkpoint, and prints one table.
-Everything lands under --runs (default runs/demo), one folder per model (runs/demo/<name>/version_N);
+Everything lands under --runs (default runs/demo), one folder per model (runs/demo/demo_<name>/version_N);
 results also go to <runs>/demo_results.json.
 
 `benchmarks/results.py` (`make results`) builds on the functions here (`run_demos`).
@@ -56,7 +56,10 @@ class DemoRun:
 
 
 def logger_args(runs: Path, name: str) -> list[str]:
-    """Both loggers (TensorBoard first: its folder is the run's log_dir) into runs/<name>."""
+    """Both loggers (TensorBoard first: its folder is the run's log_dir) into runs/<name>.
+
+    (``--trainer.logger.init_args.save_dir`` would move only the last logger of the config's list.)
+    """
     loggers = [
         {"class_path": f"lightning.pytorch.loggers.{cls}", "init_args": {"save_dir": str(runs), "name": name}}
         for cls in ("TensorBoardLogger", "CSVLogger")
@@ -68,12 +71,13 @@ def fit_and_test(name: str, config: Path, runs: Path, extra: list[str]) -> DemoR
     """`fit` the config, then `test` its best checkpoint (the last one without a monitored metric).
 
     Args:
-        name: the demo's name; its runs go to runs/<name>/version_N.
+        name: the demo's name; its runs go to runs/demo_<name>/version_N (the configs' names).
         config: the YAML config.
         runs: root folder of the runs.
         extra: further CLI arguments for both `fit` and `test` (e.g. init_from, short epochs).
     """
-    common = ["--config", str(config), "--trainer.default_root_dir", str(runs), *logger_args(runs, name), *extra]
+    common = ["--config", str(config), "--trainer.default_root_dir", str(runs),
+              *logger_args(runs, f"demo_{name}"), *extra]
     start = time.time()
     fit = main(["fit", *common])
     checkpointing = fit.trainer.checkpoint_callback

@@ -199,6 +199,7 @@ def method_rows(run: DemoRun, static: DemoRun, repeats: int,
     batches = test_batches(run)
     images = sum(len(y) for _, y in batches)
     static_gflops = net.static_gflops()
+    # The static run's own point is also labelled "static": it replaces this entry (the same net).
     rows, timed, kept = [], {"static": passes(static_net, batches, [])}, {}
     for budget, kind in operating_points(run):
         metrics, seconds = test_at(run, budget, attack=robust_curve or kind != "curve")
