@@ -22,7 +22,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 # Imported so that configs can name every class by its short name.
 import adaptive_vit.callbacks  # noqa: F401
@@ -154,8 +154,9 @@ class AdaptiveViTCLI(LightningCLI):
             found = list(root.glob("version_*/checkpoints/last.ckpt"))
         if not found:
             raise FileNotFoundError(
-                f"--ckpt_path last: no checkpoint to resume, looked for {pattern} (the save_dir and "
-                "name of this config's logger). Start the run without --ckpt_path, or pass the "
+                f"--ckpt_path last: no checkpoint to resume, looked for {pattern} (from this "
+                "config's checkpoint.dirpath or first logger's save_dir/name). Start the run "
+                "without --ckpt_path, or pass the "
                 "checkpoint file: --ckpt_path runs/<name>/version_N/checkpoints/last.ckpt."
             )
         last = max(found, key=lambda path: path.stat().st_mtime)
@@ -214,6 +215,8 @@ def _logger_configs(logger: Any) -> list[Any]:
 def _keep_csv_metrics(loggers: list[Any]) -> None:
     """A CSVLogger deletes the metrics.csv it finds in its folder when it starts: on resuming,
     put the interrupted run's rows back and append after them."""
+    if rank_zero_only.rank != 0:  # only rank 0 writes (and deletes) it
+        return
     for logger in loggers:
         if not isinstance(logger, CSVLogger):
             continue
@@ -222,8 +225,6 @@ def _keep_csv_metrics(loggers: list[Any]) -> None:
             continue
         rows = path.read_text()
         experiment = logger.experiment  # created here: removes metrics.csv
-        if not hasattr(experiment, "metrics_keys"):  # not rank 0: nothing is written here
-            continue
         path.write_text(rows)
         experiment.metrics_keys = rows.splitlines()[0].split(",") if rows else []
 

@@ -23,6 +23,12 @@ Training batches get the DeiT augmentation recipe from timm. When ``mixup``, ``c
 ``(batch, num_classes)`` on the device (see :attr:`ImageDataModule.soft_targets`);
 validation, test and predict batches always keep integer labels.
 
+Training randomness is seeded, not streamed: the order of each epoch comes from the run's seed
+and the epoch (:class:`ResumableSampler`), each image's augmentation from its own seed, and
+each batch's Mixup/CutMix from (seed, epoch, batch). Batches therefore do not depend on the
+number of loader workers, and a fit resumed from a mid-epoch checkpoint (whose position
+:meth:`ImageDataModule.state_dict` stores) continues with exactly the batches it would have seen.
+
 Unreadable image files (truncated or corrupt) do not stop a run: each is reported once per
 process with an :class:`UnreadableImageWarning` naming the file, and the next sample in the
 dataset is returned in its place.
