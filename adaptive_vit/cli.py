@@ -12,6 +12,7 @@ Models and data are chosen by class name in the config (`model.class_path: CFViT
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -23,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 # Imported so that configs can name every class by its short name.
 import adaptive_vit.callbacks  # noqa: F401
@@ -236,16 +238,20 @@ def main(args: list[str] | None = None) -> AdaptiveViTCLI | None:
     errors propagate. On the command line it returns None (the console script passes the result
     to sys.exit), and a configuration mistake (a missing file, a bad value, a checkpoint that does
     not fit) ends with its message and exit status 2 rather than a traceback; set
-    ADAPTIVE_VIT_DEBUG=1 for the traceback.
+    ADAPTIVE_VIT_DEBUG=1 for the traceback. A fit stopped by SIGTERM exits with status 143
+    (128 + SIGTERM, as if killed: Lightning's own exit would report success to the scheduler).
     """
     if args is not None:
         return _run(args)
-    if os.environ.get("ADAPTIVE_VIT_DEBUG"):
-        _run(None)
-        return None
     try:
         _run(None)
+    except SIGTERMException:
+        print("adaptive-vit: stopped by SIGTERM; continue with the same command and "
+              "--ckpt_path last", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("ADAPTIVE_VIT_DEBUG"):
+            raise
         print(f"adaptive-vit: error: {_own_message(err)}", file=sys.stderr)
         sys.exit(2)
     return None

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,14 @@ def test_ckpt_path_last_without_a_previous_run(run_cli, tmp_path: Path) -> None:
                        r"runs/demo_static/version_\*/checkpoints/last.ckpt"):
         run_cli("fit", *config("static"), *TINY, "--ckpt_path", "last")
     assert not (tmp_path / "runs/demo_static").exists()
+
+
+def test_console_preempted_exit_status(tmp_path: Path) -> None:
+    """On the command line a SIGTERM-stopped fit exits 143 (as if killed), not 0 (Lightning's own)."""
+    args = [*config("static"), *TINY, "--trainer.max_epochs", "1", *stop_at(1, "sigterm")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "adaptive_vit", "fit", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert "stopped by SIGTERM; continue with the same command and --ckpt_path last" in done.stderr
+    assert (tmp_path / "runs/demo_static/version_0/checkpoints/last.ckpt").is_file()
