@@ -23,6 +23,8 @@ Decision: a block executed with zero active heads still adds its proj bias to th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -82,17 +84,25 @@ def sliced_block(block: nn.Module, x: Tensor, samples: Tensor, heads: Tensor, to
     """
     if samples.numel() == 0:
         return x
-    out = x.clone()
     H = heads.shape[1]
     pattern = (heads.long() << torch.arange(H, device=x.device)).sum(1)  # (G,) head set as bits
-    for key in pattern.unique().tolist():
+    keys = pattern.unique().tolist()
+    if len(keys) == 1 and samples.numel() == x.shape[0]:  # one group, every image (batch size 1)
+        return x + _group_delta(block, x, tokens, keys[0], H)
+    out = x.clone()
+    for key in keys:
         members = (pattern == key).nonzero()[:, 0]
-        active = [h for h in range(H) if key >> h & 1]
         group = samples[members]
-        xs, index, valid = gather_tokens(x[group], tokens[members])
-        delta = _sliced_delta(block, xs, None if len(active) == H else active, valid)
-        out[group] += scatter_tokens(delta, index, valid, x.shape[1])
+        out.index_add_(0, group, _group_delta(block, x[group], tokens[members], key, H))
     return out
+
+
+def _group_delta(block: nn.Module, x: Tensor, tokens: Tensor, key: int, num_heads: int) -> Tensor:
+    """Residual update (g, T, D) of images sharing the head set `key` (bit h = head h active)."""
+    active = [h for h in range(num_heads) if key >> h & 1]
+    xs, index, valid = gather_tokens(x, tokens)
+    delta = _sliced_delta(block, xs, None if len(active) == num_heads else tuple(active), valid)
+    return scatter_tokens(delta, index, valid, x.shape[1])
 
 
 def gather_tokens(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -132,17 +142,22 @@ def scatter_tokens(delta: Tensor, index: Tensor | None, valid: Tensor | None, to
     return full.scatter(1, index[:, :t, None].expand(-1, -1, delta.shape[2]), delta)
 
 
-def _take(weight: Tensor, dim: int, active: list[int], width: int) -> Tensor:
+def _take(weight: Tensor, dim: int, active: tuple[int, ...], width: int) -> Tensor:
     """The `width`-wide slices of the active heads along `dim`: a view (no copy) when the heads
     are contiguous, a gathered copy otherwise."""
     first, count = active[0], len(active)
     if active[-1] - first + 1 == count:
         return weight.narrow(dim, first * width, count * width)
-    index = torch.tensor([h * width + i for h in active for i in range(width)], device=weight.device)
-    return weight.index_select(dim, index)
+    return weight.index_select(dim, _head_channels(active, width, weight.device))
 
 
-def _sliced_delta(block: nn.Module, x: Tensor, active: list[int] | None, valid: Tensor | None) -> Tensor:
+@functools.lru_cache(maxsize=1024)
+def _head_channels(active: tuple[int, ...], width: int, device: torch.device) -> Tensor:
+    """Indices of the `width` channels of each active head (cached: built once per head set)."""
+    return torch.tensor([h * width + i for h in active for i in range(width)], device=device)
+
+
+def _sliced_delta(block: nn.Module, x: Tensor, active: tuple[int, ...] | None, valid: Tensor | None) -> Tensor:
     """Residual update (attention + MLP) of a group sharing one head set.
 
     Args:
@@ -163,12 +178,13 @@ def _sliced_delta(block: nn.Module, x: Tensor, active: list[int] | None, valid: 
         qkv = attn.qkv(y).reshape(g, t, 3, k, E).permute(2, 0, 3, 1, 4)
     else:
         k = len(active)
-        w_qkv = _take(attn.qkv.weight.view(3, H * E, D), 1, active, E)  # (3, kE, D): q, k, v rows
-        # one batched matmul over q, k, v (a view of the weights when the heads are contiguous)
-        qkv = torch.bmm(y.reshape(1, g * t, D).expand(3, -1, -1), w_qkv.transpose(1, 2))  # (3, gt, kE)
-        if attn.qkv.bias is not None:
-            qkv = qkv + _take(attn.qkv.bias.view(3, H * E), 1, active, E)[:, None, :]
-        qkv = qkv.reshape(3, g, t, k, E).transpose(2, 3)
+        # the active heads' q, k and v rows as one (3kE, D) weight: one matmul (copying the
+        # sliced rows and running one linear is ~20 % faster on CPU than a batched matmul over q, k, v)
+        w_qkv = _take(attn.qkv.weight.view(3, H * E, D), 1, active, E).reshape(3 * k * E, D)
+        b_qkv = attn.qkv.bias
+        if b_qkv is not None:
+            b_qkv = _take(b_qkv.view(3, H * E), 1, active, E).reshape(3 * k * E)
+        qkv = F.linear(y, w_qkv, b_qkv).reshape(g, t, 3, k, E).permute(2, 0, 3, 1, 4)
         w_proj = _take(attn.proj.weight, 1, active, E)
     q, key, v = qkv.unbind(0)  # (g, k, t, E)
     q, key = attn.q_norm(q), attn.k_norm(key)
@@ -192,5 +208,4 @@ def _sliced_delta(block: nn.Module, x: Tensor, active: list[int] | None, valid: 
     b1 = None if mlp.fc1.bias is None else _take(mlp.fc1.bias, 0, active, group)
     b2 = None if mlp.fc2.bias is None else _take(mlp.fc2.bias, 0, active, E)
     m = F.linear(mlp.act(F.linear(_take(y, 2, active, E), w1, b1)), w2, b2)  # (g, t, kE)
-    channels = torch.tensor([h * E + i for h in active for i in range(E)], device=x.device)
-    return a.index_add(-1, channels, m)  # fc2 writes only the active groups' channels
+    return a.index_add(-1, _head_channels(active, E, x.device), m)  # fc2 writes only the active groups' channels
