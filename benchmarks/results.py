@@ -23,7 +23,6 @@ mia_skipping.png and README_table.md (the README's table, with the command, date
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import math
@@ -44,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo import REPO, DemoRun, run_demos  # noqa: E402
 
 from adaptive_vit.callbacks import RobustnessEvaluation  # noqa: E402
+from adaptive_vit.callbacks.calibration import json_safe  # noqa: E402
+from adaptive_vit.callbacks.calibration import write_csv as calibration_csv  # noqa: E402
 from adaptive_vit.methods.network import AdaptiveNetwork  # noqa: E402
 
 BATCH = 64  # batch size of the throughput figures
@@ -276,22 +277,7 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    flat = [flat_row(r) for r in rows]
-    fields = list(dict.fromkeys(k for r in flat for k in r))
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(flat)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+    calibration_csv(path, [flat_row(r) for r in rows])
 
 
 def _pct(value: float | None) -> str:
@@ -404,7 +390,7 @@ def plot_skipping(path: Path, ratios: dict[str, list[float]], title: str) -> Non
 def write_outputs(out: Path, report: dict[str, Any]) -> str:
     """demo.json, demo.csv, README_table.md and the figures; returns the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.json").write_text(json.dumps(_json_safe(report), indent=2))
+    (out / "demo.json").write_text(json.dumps(json_safe(report), indent=2))
     write_csv(out / "demo.csv", report["rows"])
     table = markdown_table(report)
     (out / "README_table.md").write_text(table)

@@ -186,7 +186,7 @@ class ThresholdCalibration(Callback):
             os.makedirs(log_dir, exist_ok=True)
             self._write_json(os.path.join(log_dir, "thresholds.json"), pl_module)
             rows = [_row(name, kind, value, result) for name, (kind, value, result) in results.items()]
-            _write_csv(os.path.join(log_dir, "budget_curve.csv"), rows)
+            write_csv(os.path.join(log_dir, "budget_curve.csv"), rows)
             if self.plot:
                 exit_points = _exit_points(correct, exit_gflops, net.exit_names)
                 _plot(os.path.join(log_dir, "budget_curve.png"), rows, exit_points,
@@ -211,7 +211,7 @@ class ThresholdCalibration(Callback):
             "curve": [c for c in calibrations.values() if c["kind"] == "curve"],
         }
         with open(path, "w") as file:
-            json.dump(_json_safe(report), file, indent=2)
+            json.dump(json_safe(report), file, indent=2)
 
     # ------------------------------------------------------------------ testing
 
@@ -240,7 +240,7 @@ class ThresholdCalibration(Callback):
         log_dir = trainer.log_dir
         if trainer.is_global_zero and log_dir:
             os.makedirs(log_dir, exist_ok=True)
-            _write_csv(os.path.join(log_dir, "test_budget_curve.csv"), rows)
+            write_csv(os.path.join(log_dir, "test_budget_curve.csv"), rows)
             if self.plot:
                 _plot(os.path.join(log_dir, "test_budget_curve.png"), rows,
                       _exit_points(correct, exit_gflops, net.exit_names),
@@ -316,7 +316,8 @@ def _row(name: str, kind: str, target: float, result: BudgetResult) -> dict[str,
     }
 
 
-def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
+def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Rows of dicts as CSV, the columns in first-seen order."""
     fields = list(dict.fromkeys(key for row in rows for key in row))
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=fields)
@@ -324,13 +325,14 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as None (strict JSON), through dicts and lists."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
