@@ -189,6 +189,9 @@ class AdaptiveViTCLI(LightningCLI):
     def before_validate(self) -> None:
         self._check_weights("validate")
 
+    def before_predict(self) -> None:
+        self._check_weights("predict")
+
 
 def _share_version_folder(loggers: list[Any]) -> None:
     """Loggers with the same save_dir and name but no explicit version each pick the next free

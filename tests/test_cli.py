@@ -57,9 +57,10 @@ def test_demo_data_fit_and_test(run_cli, tmp_path: Path) -> None:
     assert "test/top1" in cli.trainer.callback_metrics
 
 
-def test_test_without_weights_is_an_error(run_cli, capsys) -> None:
-    with pytest.raises(SystemExit, match="no weights to evaluate. Pass --ckpt_path"):
-        run_cli("test", *STATIC, *FAST_TRAINER)
+@pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
+def test_evaluating_without_weights_is_an_error(run_cli, subcommand: str) -> None:
+    with pytest.raises(SystemExit, match=f"adaptive-vit {subcommand}: no weights to evaluate. Pass --ckpt_path"):
+        run_cli(subcommand, *STATIC, *TINY_VIT, *FAST_TRAINER)
 
 
 def test_init_from_missing_file_and_wrong_layout(run_cli, tmp_path: Path) -> None:
