@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -132,6 +132,16 @@ class AdaptiveViTCLI(LightningCLI):
         _share_version_folder(self.trainer.loggers)
         if self._resuming:
             _keep_csv_metrics(self.trainer.loggers)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """`--trainer.enable_progress_bar false` drops the progress bars among the configured
+        callbacks (the demo configs list a RichProgressBar), which Lightning would refuse."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        if config.get("enable_progress_bar") is False:
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            kwargs.setdefault("callbacks", [c for c in callbacks if not isinstance(c, ProgressBar)])
+        return super().instantiate_trainer(**kwargs)
 
     def _resume_last(self, config: Any) -> None:
         """`fit --ckpt_path last`: continue the newest run of this config, in its folder.

@@ -57,6 +57,16 @@ def test_demo_data_fit_and_test(run_cli, tmp_path: Path) -> None:
     assert "test/top1" in cli.trainer.callback_metrics
 
 
+def test_progress_bar_off_drops_the_configured_one(run_cli, image_folder: Path) -> None:
+    at = FAST_TRAINER.index("--trainer.callbacks")
+    configured_callbacks = FAST_TRAINER[:at] + FAST_TRAINER[at + 2:]  # the config's, RichProgressBar first
+    cli = run_cli("fit", *STATIC, *TINY_VIT, *configured_callbacks, *folder_data(image_folder))
+    names = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert cli.trainer.progress_bar_callback is None and "RichProgressBar" not in names
+    assert {"LearningRateMonitor", "FlopsBudgetTracker", "ThresholdCalibration"} <= names
+    assert cli.trainer.state.finished and cli.trainer.current_epoch == 1  # the fit ran to its end
+
+
 @pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
 def test_evaluating_without_weights_is_an_error(run_cli, subcommand: str) -> None:
     with pytest.raises(SystemExit, match=f"adaptive-vit {subcommand}: no weights to evaluate. Pass --ckpt_path"):
