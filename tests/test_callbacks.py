@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from adaptive_vit.budget import budget_curve, evaluate_thresholds, solve_accuracy
@@ -283,6 +285,26 @@ def test_flops_budget_stops_when_asked(tmp_path, data_root):
     with pytest.warns(UserWarning, match="stopping training"):
         fit.fit(tiny_model(), datamodule(data_root))  # thresholds +inf: everything costs 3.0
     assert fit.current_epoch == 1
+
+
+def test_flops_budget_resumed_mid_epoch_counts_the_whole_epoch(tmp_path, data_root, monkeypatch):
+    whole = FlopsBudgetTracker()
+    trainer(tmp_path / "whole", [whole], limit_val_batches=0).fit(tiny_model(), datamodule(data_root))
+    every_step = ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    stopped = trainer(tmp_path / "stopped", [FlopsBudgetTracker(), every_step], limit_val_batches=0, max_steps=1)
+    stopped.fit(tiny_model(), datamodule(data_root))
+    resumed = FlopsBudgetTracker()
+    trainer(tmp_path / "resumed", [resumed], limit_val_batches=0).fit(
+        tiny_model(), datamodule(data_root), ckpt_path=tmp_path / "ckpt" / "step=1.ckpt")
+    assert [r["stage"] for r in whole.rows] == ["train"] and whole.rows[0]["images"] > 8
+    assert resumed.rows == whole.rows  # the batch before the checkpoint is counted too
+
+    state = torch.load(tmp_path / "ckpt" / "step=1.ckpt", weights_only=True)["callbacks"]["FlopsBudgetTracker"]
+    assert state["sums"]["train"]["count"].item() == 8
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # other DDP ranks: the saved sums are all ranks'
+    other_rank = FlopsBudgetTracker()
+    other_rank.load_state_dict(state)
+    assert other_rank._sums["train"] == {}
 
 
 # ---------------------------------------------------------------------- robustness

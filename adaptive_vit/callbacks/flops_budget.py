@@ -5,7 +5,8 @@ It reads the per-image step outputs of `AdaptiveLitModule`: ``gflops`` (B,) exec
 (B, L) fraction kept per block}. A training step may return the same (``gflops`` and
 ``decisions/<kind>`` tensors in its output dict); without them, a training forward counts as the
 full network (the last exit's cumulative cost). Everything is summed on each rank and reduced
-across ranks at the end of the epoch.
+across ranks at the end of the epoch. The sums of an epoch in progress and the rows so far are
+saved in checkpoints, so a fit resumed mid-epoch (``--ckpt_path last``) reports whole epochs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 
@@ -54,6 +56,27 @@ class FlopsBudgetTracker(Callback):
         self.per_block = per_block
         self.rows: list[dict[str, Any]] = []
         self._sums: dict[str, dict[str, Tensor]] = {"train": {}, "val": {}, "test": {}}
+        self._strategy: Strategy | None = None
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._strategy = trainer.strategy
+
+    def state_dict(self) -> dict[str, Any]:
+        """The CSV rows so far and the running sums, reduced over ranks (every rank saves a
+        checkpoint, rank 0 writes it)."""
+        sums = {stage: {k: self._strategy.reduce(v, reduce_op="sum").cpu() for k, v in sorted(stage_sums.items())}
+                for stage, stage_sums in self._sums.items() if stage_sums}  # summed after setup only
+        return {"rows": list(self.rows), "sums": sums}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Rank 0 goes on from the saved sums (of all ranks), the others from zero: the sums
+        reduced at the end of the epoch count every image once."""
+        self.rows = list(state_dict["rows"])
+        self._sums = {stage: {} for stage in self._sums}
+        if rank_zero_only.rank == 0:
+            self._sums.update(state_dict["sums"])
 
     # ------------------------------------------------------------------ accumulating
 
@@ -64,7 +87,7 @@ class FlopsBudgetTracker(Callback):
 
         def add(name: str, value: Tensor) -> None:
             value = value.detach().double()
-            sums[name] = sums[name] + value if name in sums else value
+            sums[name] = sums[name].to(value.device) + value if name in sums else value
 
         outputs = outputs if isinstance(outputs, dict) else {}
         device = pl_module.device
@@ -120,7 +143,8 @@ class FlopsBudgetTracker(Callback):
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> dict[str, Any] | None:
         """Reduce the epoch's sums over ranks, log them, append a CSV row (rank 0 writes)."""
-        sums = {k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in sorted(self._sums[stage].items())}
+        sums = {k: trainer.strategy.reduce(v.to(pl_module.device), reduce_op="sum")
+                for k, v in sorted(self._sums[stage].items())}
         self._sums[stage] = {}
         log_dir = trainer.log_dir  # a collective call: every rank asks
         if not sums or sums["count"].item() == 0:
