@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -332,6 +333,39 @@ def test_robustness_during_validation_on_fixed_batches(tmp_path, data_root):
     rows = read_rows(tmp_path / "run" / "version_0" / "metrics.csv")
     attacked = [r["epoch"] for r in rows if r.get("val/robust/fgsm_eps0.05/top1")]
     assert attacked == ["1"]  # the 2nd validation epoch only
+
+
+def test_robustness_batch_limit_and_seeds_are_global():
+    callback = RobustnessEvaluation(num_batches=5, seed=10)
+    assert [callback.batches_per_rank(world_size) for world_size in (1, 2, 4, 5, 8)] == [5, 3, 2, 1, 1]
+    ranks = [SimpleNamespace(world_size=2, global_rank=rank) for rank in (0, 1)]
+    seeds = [callback.batch_seed(batch_idx, rank) for batch_idx in range(3) for rank in ranks]
+    assert sorted(seeds) == list(range(10, 16))  # one seed per batch of any rank
+    one = SimpleNamespace(world_size=1, global_rank=0)
+    assert [callback.batch_seed(batch_idx, one) for batch_idx in range(3)] == [10, 11, 12]
+
+
+def test_robustness_random_start_is_reproducible(tmp_path, data_root, monkeypatch):
+    import torchattacks
+
+    attacked: list[Tensor] = []  # the adversarial images of every batch
+    pgd = torchattacks.PGD.forward
+
+    def recorded(attack, *args):
+        attacked.append(pgd(attack, *args))
+        return attacked[-1]
+
+    monkeypatch.setattr(torchattacks.PGD, "forward", recorded)
+    attacks = [{"name": "PGD", "eps": 0.1, "steps": 1, "random_start": True}]
+    runs = []
+    for global_seed in (1, 2):  # the callback's seed, not the global RNG, decides the random starts
+        model = tiny_model()
+        torch.manual_seed(global_seed)
+        trainer(tmp_path / str(global_seed), [RobustnessEvaluation(attacks=attacks, seed=3)]).test(
+            model, datamodule(data_root))
+        runs.append(torch.cat(attacked))
+        attacked.clear()
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
 
 
 def test_robustness_needs_gradients(tmp_path, data_root):

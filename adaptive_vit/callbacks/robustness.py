@@ -14,6 +14,7 @@ the attacks start from, so an attack with ε = 0 reproduces it exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,10 +41,15 @@ class RobustnessEvaluation(Callback):
             PGD (eps 0.002, alpha 0.0005, 10 steps, random start) and FGSM (eps 0.03).
         on_test: attack every test batch.
         every_n_val_epochs: also attack during validation every N validation epochs (None: never).
-        num_batches: batches attacked in such a validation epoch (the first ones: a fixed set).
+        num_batches: batches attacked in such a validation epoch, over all processes: under DDP
+            each rank attacks its first ``ceil(num_batches / world_size)`` batches (the ranks
+            interleave the images, so these are the first ``num_batches`` of one process when
+            world_size divides it): a fixed set of about ``num_batches * batch_size`` images.
         mean: normalisation mean, if the data module has no ``mean`` attribute.
         std: normalisation std, if the data module has no ``std`` attribute.
-        seed: seed of the attacks' random starts (the global RNG is left untouched).
+        seed: seed of the attacks' random starts (e.g. PGD's): batch ``b`` of rank ``r`` of ``W``
+            is attacked under ``seed + b * W + r`` (its global index), so runs are reproducible
+            and no two batches share a start; the global RNG is left untouched.
     """
 
     def __init__(
@@ -85,6 +91,14 @@ class RobustnessEvaluation(Callback):
         eps = spec.get("eps")
         return f"{spec['name'].lower()}_eps" + (f"{eps:g}" if isinstance(eps, (int, float)) else "default")
 
+    def batches_per_rank(self, world_size: int) -> int:
+        """Each process's share of `num_batches` in a validation epoch."""
+        return math.ceil(self.num_batches / world_size)
+
+    def batch_seed(self, batch_idx: int, trainer: Trainer) -> int:
+        """The seed of this rank's batch `batch_idx`: `seed` + the batch's global index."""
+        return self.seed + batch_idx * trainer.world_size + trainer.global_rank
+
     # ------------------------------------------------------------------ when
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -98,11 +112,12 @@ class RobustnessEvaluation(Callback):
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._attacks is not None:
-            self._attack_batch(pl_module, batch, batch_idx)
+            self._attack_batch(pl_module, batch, self.batch_seed(batch_idx, trainer))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._attacks is not None and batch_idx < self.num_batches and dataloader_idx == 0:
-            self._attack_batch(pl_module, batch, batch_idx)
+        in_limit = batch_idx < self.batches_per_rank(trainer.world_size)
+        if self._attacks is not None and in_limit and dataloader_idx == 0:
+            self._attack_batch(pl_module, batch, self.batch_seed(batch_idx, trainer))
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish(pl_module, "test")
@@ -144,13 +159,13 @@ class RobustnessEvaluation(Callback):
             )
         return [float(m) for m in mean], [float(s) for s in std]
 
-    def _attack_batch(self, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    def _attack_batch(self, pl_module: LightningModule, batch: Any, seed: int) -> None:
         x, target = batch[0], batch[1]  # x normalised (B, C, H, W); target (B,) class indices
         first = next(iter(self._attacks.values()))
         clean = first.normalize(first.inverse_normalize(x).clamp(0, 1))  # what the attacks start from
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            torch.manual_seed(self.seed + batch_idx)
+            torch.manual_seed(seed)
             with torch.no_grad():
                 right = [(pl_module(clean).argmax(-1) == target).sum()]
             for attack in self._attacks.values():
