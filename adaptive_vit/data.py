@@ -589,7 +589,7 @@ class ImageDataModule(LightningDataModule):
         if split not in self._datasets:
             raise RuntimeError(f"the {split!r} split is not set up; call setup() first")
         dataset = self._datasets[split]
-        return self._make_loader(dataset, self._eval_sampler(dataset))
+        return self._make_loader(dataset, self._eval_sampler(dataset, split))
 
     def _make_loader(self, dataset: Dataset, sampler: Sampler | None, drop_last: bool = False,
                      generator: torch.Generator | None = None) -> DataLoader:
@@ -604,16 +604,23 @@ class ImageDataModule(LightningDataModule):
             generator=generator,
         )
 
-    def _eval_sampler(self, dataset: Dataset) -> Sampler | None:
+    def _eval_sampler(self, dataset: Dataset, split: str) -> Sampler | None:
         """Under DDP, every evaluation image exactly once across ranks.
 
         Lightning's default DistributedSampler pads the last rank with repeated images so that
         all ranks have as many; accuracy, mean GFLOPs and exit histograms would then count those
-        twice. Ranks may get one image fewer instead (torchmetrics syncs uneven counts fine).
+        twice. Ranks may get one image fewer instead (torchmetrics syncs uneven counts fine), but
+        each needs one at least: fewer images than processes is refused on every rank.
         """
         trainer = self.trainer
         if trainer is None or trainer.world_size <= 1:
             return None
+        if len(dataset) < trainer.world_size:
+            raise ValueError(
+                f"the {split!r} split has {len(dataset)} image(s) for {trainer.world_size} processes, and "
+                "every process needs one at least: run on fewer devices (trainer.devices x "
+                f"trainer.num_nodes <= {len(dataset)}) or evaluate on more images."
+            )
         return UnrepeatedDistributedSampler(
             dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
         )

@@ -87,6 +87,19 @@ def test_folder_test_split_falls_back_to_val(tree: Path) -> None:
     assert Path(dm.predict_dataloader().dataset.root) == tree / "test"
 
 
+def test_fewer_eval_images_than_processes_is_refused_on_every_rank(tree: Path) -> None:
+    dm = folder_dm(tree)
+    dm.setup("validate")
+    images = len(split_dataset(dm, "val"))
+    dm.trainer = SimpleNamespace(world_size=images, global_rank=images - 1)
+    assert len(list(dm.val_dataloader().sampler)) == 1  # one image each: fine
+    for rank in (0, images):
+        dm.trainer = SimpleNamespace(world_size=images + 1, global_rank=rank)
+        with pytest.raises(ValueError, match=rf"'val' split has {images} image\(s\) for {images + 1} processes.*"
+                                             rf"fewer devices .*<= {images}\) or evaluate on more images"):
+            dm.val_dataloader()
+
+
 def test_hidden_folders_are_not_classes(tree: Path) -> None:
     (tree / "train" / ".ipynb_checkpoints").mkdir()
     assert folder_dm(tree).num_classes == 3
