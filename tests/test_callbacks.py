@@ -308,6 +308,14 @@ def test_flops_budget_resumed_mid_epoch_counts_the_whole_epoch(tmp_path, data_ro
     assert other_rank._sums["train"] == {}
 
 
+def test_flops_budget_checkpoint_leaves_the_running_sums_alone():
+    tracker = FlopsBudgetTracker()
+    tracker._sums["train"] = {"count": torch.tensor(8.0)}
+    tracker._strategy = SimpleNamespace(reduce=lambda value, reduce_op: value.mul_(2))  # DDP: in place, 2 ranks
+    assert tracker.state_dict()["sums"] == {"train": {"count": torch.tensor(16.0)}}
+    assert tracker._sums["train"]["count"].item() == 8  # this rank goes on from its own sums
+
+
 # ---------------------------------------------------------------------- robustness
 
 

@@ -65,9 +65,11 @@ class FlopsBudgetTracker(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The CSV rows so far and the running sums, reduced over ranks (every rank saves a
-        checkpoint, rank 0 writes it)."""
-        sums = {stage: {k: self._strategy.reduce(v, reduce_op="sum").cpu() for k, v in sorted(stage_sums.items())}
-                for stage, stage_sums in self._sums.items() if stage_sums}  # summed after setup only
+        checkpoint, rank 0 writes it; the reduction is in place, hence the copies)."""
+        sums = {
+            stage: {k: self._strategy.reduce(v.clone(), reduce_op="sum").cpu() for k, v in sorted(stage_sums.items())}
+            for stage, stage_sums in self._sums.items() if stage_sums  # sums exist after setup only
+        }
         return {"rows": list(self.rows), "sums": sums}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
