@@ -5,9 +5,8 @@ qkv n·D·3hE, attention 2n²hE, proj n·hE·D (`flops.attention_flops`), MLP 2�
 (`flops.mlp_flops` with fraction h/H), plus every executed controller part. The same arithmetic
 works on floats and on tensors, so with straight-through masks the cost is differentiable.
 
-Controller parts, counted as fvcore counts them (a test checks): the 4×4 average pool reads every
-patch element once (fvcore counts 1 FLOP per input element of `adaptive_avg_pool2d`), the two 3×3
-convolutions count every kernel tap at every pooled position, means and activations count 0.
+Controller parts, counted as fvcore counts them (a test checks): the 4×4 average pool is a
+(16, N) @ (N, D) matmul (see controller.py), the two 3×3 convolutions count every kernel tap at every pooled position, means and activations count 0.
 The block part (pool, CNN_b, FC_b) runs before every block for every image; the head and token
 branches only for images that execute the block (the paper: skipping a block spares computing its
 head and token policies). Critic heads run only in training and are not counted.
@@ -95,7 +94,7 @@ def controller_flops(controller: MIAController, num_patches: int) -> tuple[float
     block = 0.0
     if hasattr(controller, "cnn"):
         pooled = controller.pool_size[0] * controller.pool_size[1]
-        block += n * d  # adaptive average pool: one per input element (fvcore)
+        block += pooled * n * d  # the average pool as a (pooled, N) @ (N, D) matmul
         block += pooled * 9 * d * r + pooled * 9 * r * r  # two 3×3 convolutions
     if controller.skip_blocks:
         block += r * 2  # FC_b
