@@ -289,23 +289,27 @@ def test_flops_budget_stops_when_asked(tmp_path, data_root):
 
 
 def test_flops_budget_resumed_mid_epoch_counts_the_whole_epoch(tmp_path, data_root, monkeypatch):
-    whole = FlopsBudgetTracker()
-    trainer(tmp_path / "whole", [whole], limit_val_batches=0).fit(tiny_model(), datamodule(data_root))
+    whole = FlopsBudgetTracker()  # 2 epochs of 3 batches
+    trainer(tmp_path / "whole", [whole], limit_val_batches=0, max_epochs=2).fit(tiny_model(), datamodule(data_root))
     every_step = ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
-    stopped = trainer(tmp_path / "stopped", [FlopsBudgetTracker(), every_step], limit_val_batches=0, max_steps=1)
-    stopped.fit(tiny_model(), datamodule(data_root))
+    stopped = trainer(tmp_path / "stopped", [FlopsBudgetTracker(), every_step], limit_val_batches=0,
+                      max_epochs=2, max_steps=4)
+    stopped.fit(tiny_model(), datamodule(data_root))  # stopped after the 1st batch of the 2nd epoch
     resumed = FlopsBudgetTracker()
-    trainer(tmp_path / "resumed", [resumed], limit_val_batches=0).fit(
-        tiny_model(), datamodule(data_root), ckpt_path=tmp_path / "ckpt" / "step=1.ckpt")
-    assert [r["stage"] for r in whole.rows] == ["train"] and whole.rows[0]["images"] > 8
-    assert resumed.rows == whole.rows  # the batch before the checkpoint is counted too
+    trainer(tmp_path / "resumed", [resumed], limit_val_batches=0, max_epochs=2).fit(
+        tiny_model(), datamodule(data_root), ckpt_path=tmp_path / "ckpt" / "step=4.ckpt")
+    assert [(r["epoch"], r["stage"], r["images"]) for r in whole.rows] == [(0, "train", 21), (1, "train", 21)]
+    assert resumed.rows == whole.rows  # the 1st epoch's row and the batch before the checkpoint are kept
 
-    state = torch.load(tmp_path / "ckpt" / "step=1.ckpt", weights_only=True)["callbacks"]["FlopsBudgetTracker"]
+    state = torch.load(tmp_path / "ckpt" / "step=4.ckpt", weights_only=True)["callbacks"]["FlopsBudgetTracker"]
     assert state["sums"]["train"]["count"].item() == 8
-    monkeypatch.setattr(rank_zero_only, "rank", 1)  # other DDP ranks: the saved sums are all ranks'
-    other_rank = FlopsBudgetTracker()
-    other_rank.load_state_dict(state)
-    assert other_rank._sums["train"] == {}
+    # Other DDP ranks start from zero (the saved sums are all ranks'); evaluating starts afresh.
+    for stage, rank, sums, rows in (("fit", 0, True, 1), ("fit", 1, False, 1), ("validate", 0, False, 0)):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        tracker = FlopsBudgetTracker()
+        tracker.setup(stopped, stopped.lightning_module, stage)
+        tracker.load_state_dict(state)
+        assert ("count" in tracker._sums["train"], len(tracker.rows)) == (sums, rows), (stage, rank)
 
 
 def test_flops_budget_checkpoint_leaves_the_running_sums_alone():

@@ -6,7 +6,8 @@ It reads the per-image step outputs of `AdaptiveLitModule`: ``gflops`` (B,) exec
 ``decisions/<kind>`` tensors in its output dict); without them, a training forward counts as the
 full network (the last exit's cumulative cost). Everything is summed on each rank and reduced
 across ranks at the end of the epoch. The sums of an epoch in progress and the rows so far are
-saved in checkpoints, so a fit resumed mid-epoch (``--ckpt_path last``) reports whole epochs.
+saved in checkpoints, so a fit resumed mid-epoch (``--ckpt_path last``) reports whole epochs and
+keeps the earlier rows of ``flops_budget.csv``.
 """
 
 from __future__ import annotations
@@ -57,11 +58,13 @@ class FlopsBudgetTracker(Callback):
         self.rows: list[dict[str, Any]] = []
         self._sums: dict[str, dict[str, Tensor]] = {"train": {}, "val": {}, "test": {}}
         self._strategy: Strategy | None = None
+        self._fitting = False
 
     # ------------------------------------------------------------------ checkpoint state
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._strategy = trainer.strategy
+        self._fitting = stage == "fit"
 
     def state_dict(self) -> dict[str, Any]:
         """The CSV rows so far and the running sums, reduced over ranks (every rank saves a
@@ -73,8 +76,11 @@ class FlopsBudgetTracker(Callback):
         return {"rows": list(self.rows), "sums": sums}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Rank 0 goes on from the saved sums (of all ranks), the others from zero: the sums
-        reduced at the end of the epoch count every image once."""
+        """A resumed fit goes on from the saved rows and sums: rank 0 from the sums (of all
+        ranks), the others from zero, so the sums reduced at the end of the epoch count every image
+        once. Evaluating a checkpoint (test, validate) starts afresh."""
+        if not self._fitting:
+            return
         self.rows = list(state_dict["rows"])
         self._sums = {stage: {} for stage in self._sums}
         if rank_zero_only.rank == 0:
