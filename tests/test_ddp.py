@@ -139,8 +139,8 @@ def one_thread():
 def eval_args(method: str, images: Path, tmp_path: Path) -> list[str]:
     """A tiny `method` demo model on `images` (test falls back to val: the same 33 images), every
     evaluation batch, and the three callbacks, robustness at validation too (on every batch: its
-    `num_batches` counts per process). PGD is left out: its random start is drawn per batch, and
-    batches hold other images with two processes."""
+    `num_batches`, a total over the processes, exceeds the batches). PGD is left out: its random
+    start is seeded per batch and rank, and batches hold other images with two processes."""
     callbacks = tmp_path / "callbacks.yaml"
     callbacks.write_text(yaml.safe_dump({"trainer": {"callbacks": [
         {"class_path": "FlopsBudgetTracker"},
