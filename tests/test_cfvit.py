@@ -239,6 +239,25 @@ def test_kl_term_sends_no_gradient_into_fine_logits(soft: bool) -> None:
     assert coarse.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.25])
+def test_kl_weight_scales_the_coarse_gradient(weight: float) -> None:
+    coarse = torch.randn(4, 3, requires_grad=True)
+    fine = torch.randn(4, 3)
+    target = torch.tensor([0, 1, 2, 1])
+    tiny_module().compute_loss((coarse, fine), target)[0].backward()
+    full = coarse.grad.clone()
+    coarse.grad = None
+    loss, logs = tiny_module(kl_weight=weight).compute_loss((coarse, fine), target)
+    loss.backward()
+    torch.testing.assert_close(coarse.grad, weight * full)
+    torch.testing.assert_close(loss, logs["loss_ce"] + weight * logs["loss_kl"])
+
+
+def test_negative_kl_weight_is_refused() -> None:
+    with pytest.raises(ValueError, match="kl_weight"):
+        tiny_module(kl_weight=-1.0)
+
+
 @pytest.mark.parametrize("split_all", [True, False])
 def test_every_parameter_gets_a_gradient(split_all: bool) -> None:
     """DDP needs every parameter in the training forward (incl. the fine position embedding)."""

@@ -33,6 +33,8 @@ class CFViTLitModule(AdaptiveLitModule):
         cls_attn_start: first block (0-based) whose class attention enters the EMA.
         selection_epoch: first epoch (0-based) that trains with informative selection; earlier
             epochs re-split every patch (the authors: 200 of 300).
+        kl_weight: weight of the KL term (the paper: 1). An ablation knob: 0 trains the fine
+            stage alone (the coarse stage then learns only through the shared blocks).
         drop_path_rate: stochastic depth.
         fused_attn: attention kernel: True fused SDPA, False explicit, None by device.
         vit_kwargs: further timm arguments, e.g. ``{embed_dim: 64, depth: 4, num_heads: 4}``.
@@ -51,11 +53,14 @@ class CFViTLitModule(AdaptiveLitModule):
         beta: float = 0.99,
         cls_attn_start: int = 3,
         selection_epoch: int = 200,
+        kl_weight: float = 1.0,
         drop_path_rate: float = 0.1,
         fused_attn: bool | None = None,
         vit_kwargs: dict | None = None,
         **kwargs,
     ) -> None:
+        if kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0 (got {kl_weight}); the paper uses 1.")
         super().__init__(**kwargs)
 
     def configure_network(self) -> CFViT:
@@ -95,7 +100,7 @@ class CFViTLitModule(AdaptiveLitModule):
         # KL(p_f ‖ p_c): the fine prediction teaches the coarse one and gets no gradient from it.
         kl = F.kl_div(F.log_softmax(coarse.float(), -1), F.softmax(fine.detach().float(), -1),
                       reduction="batchmean")
-        return ce + kl, {"loss_ce": ce.detach(), "loss_kl": kl.detach()}
+        return ce + self.hparams.kl_weight * kl, {"loss_ce": ce.detach(), "loss_kl": kl.detach()}
 
     def has_trained_weights(self) -> bool:
         return bool(self.hparams.pretrained) or super().has_trained_weights()
