@@ -74,8 +74,8 @@ class AdaptiveTrainer(Trainer):
     ) -> list[dict[str, Any]]:
         """Images/s and latency of the static backbone and of the method's adaptive inference.
 
-        Random input of the configured size, eval mode, no gradients; each figure is the median
-        of `repeats` timed runs after `warmup` untimed ones. Speed is measured as a ratio within
+        Random input of the configured size, eval mode, `torch.inference_mode`; each figure is the
+        median of `repeats` timed runs after `warmup` untimed ones. Speed is measured as a ratio within
         one run: `speedup` = static time / adaptive time, next to `flops_reduction` = static
         GFLOPs / executed GFLOPs; `efficiency` = speedup / flops_reduction.
 
@@ -104,7 +104,7 @@ class AdaptiveTrainer(Trainer):
         rows = []
         for batch_size in batch_sizes:
             x = torch.randn(batch_size, *net.input_size(), device=device)
-            with torch.no_grad():
+            with torch.inference_mode():  # how inference is deployed: no autograd bookkeeping
                 base_time = _median_time(lambda: static(x), repeats, warmup, device)
                 rows.append(_row("static", batch_size, base_time, base_time, static_gflops, static_gflops))
                 for label, run in net.benchmark_modes(x):

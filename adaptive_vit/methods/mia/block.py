@@ -153,8 +153,11 @@ def _take(weight: Tensor, dim: int, active: tuple[int, ...], width: int) -> Tens
 
 @functools.lru_cache(maxsize=1024)
 def _head_channels(active: tuple[int, ...], width: int, device: torch.device) -> Tensor:
-    """Indices of the `width` channels of each active head (cached: built once per head set)."""
-    return torch.tensor([h * width + i for h in active for i in range(width)], device=device)
+    """Indices of the `width` channels of each active head (cached: built once per head set).
+    Built as a normal tensor even under `torch.inference_mode` (the benchmark's), so a later
+    forward that records gradients (an attack) can still use the cached index."""
+    with torch.inference_mode(False):
+        return torch.tensor([h * width + i for h in active for i in range(width)], device=device)
 
 
 def _sliced_delta(block: nn.Module, x: Tensor, active: tuple[int, ...] | None, valid: Tensor | None) -> Tensor:
