@@ -376,3 +376,19 @@ def test_gradients_reach_the_input_through_the_sliced_path():
     x = torch.randn(3, 3, 32, 32, requires_grad=True)
     net(x).logsumexp(-1).sum().backward()
     assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("strategy, refused", [("ddp", True), ("ddp_find_unused_parameters_true", False)])
+def test_phase_switching_under_plain_ddp_is_refused_with_the_fix(strategy: str, refused: bool) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    module = MIALitModule(**TINY_LIT, stage_epochs=[1, 1, 1, 1])
+    module.trainer = SimpleNamespace(world_size=2, strategy=StrategyRegistry.get(strategy))
+    if refused:
+        with pytest.raises(ValueError, match="ddp_find_unused_parameters_true"):
+            module.setup("fit")
+    else:
+        module.setup("fit")
+        assert all(p.requires_grad for p in module.net.parameters())

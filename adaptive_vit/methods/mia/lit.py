@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 
 from adaptive_vit.methods.base import AdaptiveLitModule
@@ -193,6 +194,16 @@ class MIALitModule(AdaptiveLitModule):
         # that unfreezes the blocks later needs them all registered. Everything is trainable at
         # wrap time and frozen again at train start (find_unused_parameters skips frozen ones).
         if stage == "fit" and len(self.schedule()) > 1 and self.trainer.world_size > 1:
+            strategy = self.trainer.strategy
+            # Lightning keeps the DDP arguments private (`_ddp_kwargs`); plain DDP would stop at
+            # the first phase switch with a RuntimeError about unused parameters
+            if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):
+                raise ValueError(
+                    "MIA-Former runs that switch phases (stage_epochs, or stage 3 with agent_epochs > 0) "
+                    "freeze and unfreeze parameters, which DDP refuses unless it looks for unused "
+                    "ones: use --trainer.strategy ddp_find_unused_parameters_true (or run one phase "
+                    "per fit)."
+                )
             self.net.requires_grad_(True)
 
     def on_train_start(self) -> None:
