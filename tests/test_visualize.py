@@ -12,6 +12,7 @@ from PIL import Image
 
 from adaptive_vit.callbacks.visualize import VisualizeDecisions, _to_pixels
 from adaptive_vit.methods.cfvit.model import CFViT
+from adaptive_vit.methods.static import StaticViTLitModule
 from conftest import FAST_TRAINER, REPO
 
 TINY_WIDTH = ["--model.init_args.vit_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}"]
@@ -110,8 +111,12 @@ def test_predict_writes_the_pngs_of_each_method(method: str, run_cli, tmp_path: 
 def test_output_dir_that_is_a_file_is_a_clear_error(run_cli, tmp_path: Path) -> None:  # noqa: ANN001
     blocker = tmp_path / "taken"
     blocker.write_text("not a folder")
+    weights = tmp_path / "weights.pt"  # predict refuses random weights: any state_dict of the network
+    torch.save(StaticViTLitModule(backbone="vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10,
+                                  vit_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2}).net.state_dict(), weights)
     with pytest.raises(ValueError, match=r"cannot write to output_dir .*taken.*Give a writable folder"):
         run_cli("predict", "--config", str(REPO / "configs/demo/static.yaml"), *TINY_WIDTH, *FAST_TRAINER,
+                "--model.init_args.init_from", str(weights),
                 "--trainer.limit_predict_batches", "1", "--trainer.callbacks+=VisualizeDecisions",
                 "--trainer.callbacks.output_dir", str(blocker / "decisions"))
     assert blocker.read_text() == "not a folder"
