@@ -74,8 +74,9 @@ class AdaptiveTrainer(Trainer):
     ) -> list[dict[str, Any]]:
         """Images/s and latency of the static backbone and of the method's adaptive inference.
 
-        Random input of the configured size, eval mode, `torch.inference_mode`; each figure is the
-        median of `repeats` timed runs after `warmup` untimed ones. Speed is measured as a ratio within
+        Random input of the configured size, eval mode, `torch.inference_mode`; the static model
+        and every mode are timed in turns (`time_interleaved`), each figure the median of
+        `repeats` turns after `warmup` untimed ones. Speed is measured as a ratio within
         one run: `speedup` = static time / adaptive time, next to `flops_reduction` = static
         GFLOPs / executed GFLOPs; `efficiency` = speedup / flops_reduction.
 
@@ -105,12 +106,13 @@ class AdaptiveTrainer(Trainer):
         for batch_size in batch_sizes:
             x = torch.randn(batch_size, *net.input_size(), device=device)
             with torch.inference_mode():  # how inference is deployed: no autograd bookkeeping
-                base_time = _median_time(lambda: static(x), repeats, warmup, device)
-                rows.append(_row("static", batch_size, base_time, base_time, static_gflops, static_gflops))
+                runs: dict[str, Callable[[], Any]] = {"static": lambda: static(x)}
+                gflops = {"static": static_gflops}
                 for label, run in net.benchmark_modes(x):
-                    gflops = float(run().gflops.mean())
-                    seconds = _median_time(run, repeats, warmup, device)
-                    rows.append(_row(label, batch_size, seconds, base_time, gflops, static_gflops))
+                    runs[label], gflops[label] = run, float(run().gflops.mean())
+                seconds = time_interleaved(runs, repeats, warmup, device)
+            rows += [_row(label, batch_size, seconds[label], seconds["static"], gflops[label], static_gflops)
+                     for label in runs]
         for row in rows:
             row.update(threads=torch.get_num_threads(), device=str(device), model=type(net).__name__)
         if output:
@@ -129,19 +131,34 @@ class AdaptiveTrainer(Trainer):
         return rows
 
 
-def _median_time(run: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
-    def timed() -> float:
-        if device.type == "cuda":
+def time_interleaved(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                     device: torch.device | None = None) -> dict[str, float]:
+    """Median seconds of each run, timed in turns (a, b, c, a, b, c, ...) so that a change of
+    machine speed or load hits every run alike and their ratios stay meaningful.
+
+    Args:
+        runs: label → a callable doing the work once.
+        repeats: timed turns (the median counts).
+        warmup: untimed turns first.
+        device: synchronised around each run when it is a CUDA device.
+    """
+    def timed(run: Callable[[], Any]) -> float:
+        if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         run()
-        if device.type == "cuda":
+        if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
     for _ in range(warmup):
-        timed()
-    return statistics.median(timed() for _ in range(max(1, repeats)))
+        for run in runs.values():
+            timed(run)
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(max(1, repeats)):
+        for label, run in runs.items():
+            times[label].append(timed(run))
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def _row(mode: str, batch_size: int, seconds: float, base_seconds: float, gflops: float,

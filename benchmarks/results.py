@@ -27,7 +27,6 @@ import datetime
 import json
 import math
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from adaptive_vit.callbacks import RobustnessEvaluation  # noqa: E402
 from adaptive_vit.callbacks.calibration import json_safe  # noqa: E402
 from adaptive_vit.callbacks.calibration import write_csv as calibration_csv  # noqa: E402
 from adaptive_vit.methods.network import AdaptiveNetwork  # noqa: E402
+from adaptive_vit.trainer import time_interleaved  # noqa: E402
 
 BATCH = 64  # batch size of the throughput figures
 
@@ -156,22 +156,6 @@ def skip_ratios(kept: dict[str, Tensor], count: int) -> dict[str, list[float]]:
     return ratios
 
 
-@torch.no_grad()
-def time_interleaved(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each run, timed in turns (run a, b, c, a, b, c, ...) so that a change of
-    machine load hits every run alike."""
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    times: dict[str, list[float]] = {label: [] for label in runs}
-    for _ in range(max(1, repeats)):
-        for label, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[label].append(time.perf_counter() - start)
-    return {label: statistics.median(t) for label, t in times.items()}
-
-
 def passes(net: AdaptiveNetwork, batches: Batches, thresholds: Sequence[float]) -> Callable[[], None]:
     """One inference pass over the batches at the given thresholds (what gets timed)."""
     def run() -> None:
@@ -229,7 +213,8 @@ def method_rows(run: DemoRun, static: DemoRun, repeats: int,
             "thresholds": thresholds,
             "test_seconds": round(seconds, 1),
         })
-    seconds = time_interleaved(timed, repeats)
+    with torch.no_grad():
+        seconds = time_interleaved(timed, repeats)
     for row in rows:
         speedup = seconds["static"] / seconds[row["budget"]]
         reduction = static_gflops / row["timed_gflops"]

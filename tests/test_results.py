@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from adaptive_vit.methods.cfvit.lit import CFViTLitModule
+from adaptive_vit.trainer import time_interleaved
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -76,7 +77,7 @@ def test_time_interleaved_takes_turns_and_medians() -> None:
             time.sleep(seconds)
         return run
 
-    seconds = results.time_interleaved({"a": sleeper("a", 0.002), "b": sleeper("b", 0.02)}, repeats=3, warmup=1)
+    seconds = time_interleaved({"a": sleeper("a", 0.002), "b": sleeper("b", 0.02)}, repeats=3, warmup=1)
     assert order == ["a", "b"] + ["a", "b"] * 3
     assert 0.002 <= seconds["a"] < seconds["b"] and seconds["b"] >= 0.02
 
