@@ -439,3 +439,15 @@ def test_demo_fit_then_test_honours_thresholds(run_cli, tmp_path: Path) -> None:
         assert tuple(float(metrics[f"test/exit_{n}/fraction"]) for n in net.exit_names) == fractions
         assert float(metrics["test/gflops"]) == pytest.approx(net.exit_gflops()[fractions.index(1)], rel=1e-5)
         assert {f"test/exit_{n}/top1" for n in net.exit_names} <= set(metrics)
+
+
+def test_relation_reuse_without_autograd_equals_with_it() -> None:
+    """The in-place GELU of the inference path computes the training path's numbers."""
+    torch.manual_seed(0)
+    reuse = RelationReuse(num_heads=2, depth=3, upstream_grid=2, grid=3)
+    logits = torch.randn(2, 6, 5, 5)
+    with_grad = list(reuse(logits))
+    with torch.no_grad():
+        without = list(reuse(logits))
+    for a, b in zip(with_grad, without, strict=True):
+        torch.testing.assert_close(a.detach(), b)
