@@ -83,8 +83,10 @@ class FlopsBudgetTracker(Callback):
             return
         self.rows = list(state_dict["rows"])
         self._sums = {stage: {} for stage in self._sums}
-        if rank_zero_only.rank == 0:
-            self._sums.update(state_dict["sums"])
+        if rank_zero_only.rank == 0:  # saved on the CPU: back to where the new sums accumulate
+            device = self._strategy.root_device
+            self._sums.update({stage: {k: v.to(device) for k, v in sums.items()}
+                               for stage, sums in state_dict["sums"].items()})
 
     # ------------------------------------------------------------------ accumulating
 
@@ -95,7 +97,7 @@ class FlopsBudgetTracker(Callback):
 
         def add(name: str, value: Tensor) -> None:
             value = value.detach().double()
-            sums[name] = sums[name].to(value.device) + value if name in sums else value
+            sums[name] = sums[name] + value if name in sums else value
 
         outputs = outputs if isinstance(outputs, dict) else {}
         device = pl_module.device
@@ -151,8 +153,7 @@ class FlopsBudgetTracker(Callback):
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> dict[str, Any] | None:
         """Reduce the epoch's sums over ranks, log them, append a CSV row (rank 0 writes)."""
-        sums = {k: trainer.strategy.reduce(v.to(pl_module.device), reduce_op="sum")
-                for k, v in sorted(self._sums[stage].items())}
+        sums = {k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in sorted(self._sums[stage].items())}
         self._sums[stage] = {}
         log_dir = trainer.log_dir  # a collective call: every rank asks
         if not sums or sums["count"].item() == 0:
