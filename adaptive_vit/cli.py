@@ -31,6 +31,7 @@ import adaptive_vit.callbacks  # noqa: F401
 import adaptive_vit.methods  # noqa: F401
 from adaptive_vit.data import ImageDataModule
 from adaptive_vit.methods.base import AdaptiveLitModule
+from adaptive_vit.runtime import keep_freed_memory
 from adaptive_vit.trainer import AdaptiveTrainer
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -281,6 +282,7 @@ def _own_message(err: BaseException) -> str:
 
 
 def _run(args: list[str] | None) -> AdaptiveViTCLI:
+    keep_freed_memory()  # CPU work reuses freed tensor memory instead of page-faulting it afresh
     return AdaptiveViTCLI(
         model_class=AdaptiveLitModule,
         datamodule_class=ImageDataModule,
