@@ -70,7 +70,7 @@ class Attention(TimmAttention):
         else:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
             if attn_mask is not None or is_causal:
-                logits = logits + _additive(attn_mask, is_causal, N, logits)
+                logits += _additive(attn_mask, is_causal, N, logits)  # in place: a fresh matmul output
             attn = logits.softmax(dim=-1)
             if tap == "logits":
                 extra = logits

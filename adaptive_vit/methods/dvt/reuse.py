@@ -223,6 +223,10 @@ def mix_channels(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """A 1×1 convolution computed as one batched matmul over the flattened map: the same numbers,
     about 1.6× faster than the 1×1 convolution kernel on CPU on attention-logit maps.
 
+    The bias is added after the matmul, in place without autograd: `baddbmm` first copies the
+    broadcast (1, C_out, 1) bias into its whole output, a strided copy that took 0.51 s of the
+    0.66 s for DeiT-S's (64, 216, 101, 101) hidden map on CPU.
+
     Args:
         conv: a 1×1 `nn.Conv2d` (its weights).
         x: (B, C_in, ...).
@@ -231,7 +235,10 @@ def mix_channels(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """
     batch, _, *spatial = x.shape
     weight = conv.weight.flatten(1).expand(batch, -1, -1)  # (B, C_out, C_in), a view
-    return torch.baddbmm(conv.bias[None, :, None], weight, x.flatten(2)).unflatten(2, spatial)
+    out = torch.bmm(weight, x.flatten(2))  # (B, C_out, prod(spatial))
+    bias = conv.bias[:, None]
+    out = out.add_(bias) if not torch.is_grad_enabled() else out + bias
+    return out.unflatten(2, spatial)
 
 
 class RelationReuse(nn.Module):
