@@ -442,7 +442,7 @@ def test_demo_fit_then_test_honours_thresholds(run_cli, tmp_path: Path) -> None:
 
 
 def test_relation_reuse_without_autograd_equals_with_it() -> None:
-    """The in-place GELU of the inference path computes the training path's numbers."""
+    """The in-place bias adds and GELU of the inference path compute the training path's numbers."""
     torch.manual_seed(0)
     reuse = RelationReuse(num_heads=2, depth=3, upstream_grid=2, grid=3)
     logits = torch.randn(2, 6, 5, 5)
