@@ -34,16 +34,17 @@ Tap = Literal["cls", "logits"] | None
 class Attention(TimmAttention):
     """timm's multi-head self-attention that can also hand back the cls row or the logits.
 
-    `fused` chooses the kernel: True = `scaled_dot_product_attention`, False = explicit matmuls,
-    None (default) = fused on CUDA, explicit elsewhere. On this project's 2-core CPU the explicit
-    path measured ~15 % faster for DeiT-S at batch 64 (`adaptive-vit benchmark` measures both);
-    on GPUs the fused kernels are far faster.
+    `fused` chooses the kernel: True or None (default) = `scaled_dot_product_attention`, False =
+    explicit matmuls. On GPUs the fused kernels are far faster; on this project's 2-core CPU
+    fused SDPA measured ~10 % faster for DeiT-S at batch 64 and the same at batch 1, once the CLI
+    keeps freed memory (`runtime.py`; before that, the explicit path's page faults made it look
+    ~15 % faster).
     """
 
     fused: bool | None = None
 
     def _use_fused(self, x: Tensor) -> bool:
-        return x.is_cuda if self.fused is None else self.fused
+        return self.fused is not False
 
     def forward(
         self,
@@ -129,7 +130,7 @@ class Block(TimmBlock):
 
 
 def set_fused_attn(model: torch.nn.Module, fused: bool | None) -> None:
-    """Choose the attention kernel of every `Attention` in `model` (None = by device)."""
+    """Choose the attention kernel of every `Attention` in `model` (None = the default, fused)."""
     for module in model.modules():
         if isinstance(module, Attention):
             module.fused = fused

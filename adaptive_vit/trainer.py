@@ -88,7 +88,7 @@ class AdaptiveTrainer(Trainer):
             batch_sizes: batch sizes to measure.
             repeats: timed runs per measurement.
             warmup: untimed runs before timing.
-            fused_attn: attention kernel for both models (None: by device).
+            fused_attn: attention kernel for both models (None: the default, fused).
             format: ``table`` or ``json``.
             output: also write the rows as JSON to this file.
         """

@@ -15,7 +15,7 @@ class StaticViTLitModule(AdaptiveLitModule):
         img_size: input side (None: the backbone's default).
         patch_size: patch side (None: the backbone's default).
         drop_path_rate: stochastic depth.
-        fused_attn: attention kernel: True fused SDPA, False explicit, None by device.
+        fused_attn: attention kernel: True fused SDPA, False explicit, None: the default, fused.
         vit_kwargs: further timm arguments, e.g. ``{embed_dim: 64, depth: 4, num_heads: 4}``.
         **kwargs: `AdaptiveLitModule` arguments (lr, weight_decay, warm-up, init_from, ...).
     """

@@ -36,7 +36,7 @@ class CFViTLitModule(AdaptiveLitModule):
         kl_weight: weight of the KL term (the paper: 1). An ablation knob: 0 trains the fine
             stage alone (the coarse stage then learns only through the shared blocks).
         drop_path_rate: stochastic depth.
-        fused_attn: attention kernel: True fused SDPA, False explicit, None by device.
+        fused_attn: attention kernel: True fused SDPA, False explicit, None: the default, fused.
         vit_kwargs: further timm arguments, e.g. ``{embed_dim: 64, depth: 4, num_heads: 4}``.
         **kwargs: `AdaptiveLitModule` arguments (lr, weight_decay, warm-up, init_from,
             thresholds, ...). ``init_from`` also takes the authors' released checkpoints.

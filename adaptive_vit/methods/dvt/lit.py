@@ -31,7 +31,7 @@ class DVTLitModule(AdaptiveLitModule):
         reuse_hidden: hidden width of each block's feature-reuse MLP (128).
         reuse_dim: channels each block reuses (48).
         drop_path_rate: stochastic depth of every exit.
-        fused_attn: attention kernel: True fused SDPA, False explicit, None by device (exits that
+        fused_attn: attention kernel: True fused SDPA, False explicit, None: the default, fused (exits that
             feed a relationship reuse always compute explicit logits).
         vit_kwargs: further timm arguments, e.g. ``{embed_dim: 64, depth: 4, num_heads: 4}``.
         **kwargs: `AdaptiveLitModule` arguments (lr, weight_decay, warm-up, init_from, thresholds...).

@@ -8,7 +8,7 @@ exit whose max softmax reaches that exit's threshold, and only the images still 
 passed on, with their upstream tokens and logits indexed accordingly.
 
 Attention kernels: a model that feeds a downstream relationship reuse computes explicit logits
-(`tap="logits"`); the others (the last exit) run the configured kernel (fused SDPA on GPUs) with
+(`tap="logits"`); the others (the last exit) run the configured kernel (fused SDPA by default) with
 the reuse term as an additive `attn_mask`.
 """
 

@@ -57,7 +57,7 @@ class MIALitModule(AdaptiveLitModule):
         img_size: input side (None: the backbone's default).
         patch_size: patch side (None: the backbone's default).
         drop_path_rate: stochastic depth of the backbone.
-        fused_attn: attention kernel (True SDPA, False explicit, None by device).
+        fused_attn: attention kernel (True SDPA, False explicit, None: the default, fused).
         vit_kwargs: further timm arguments (``{embed_dim: 64, depth: 4, num_heads: 4}``).
         skip_blocks: let the controllers skip blocks (the paper's Table 2 ablation switches).
         skip_heads: let them skip heads.
