@@ -90,13 +90,10 @@ def resize_keys(logits: Tensor, grid: int, size: int) -> Tensor:
     Returns:
         (..., Q, 1 + size²).
     """
-    *lead, queries, keys = logits.shape
-    m = resize_matrix(grid, size, like=logits)  # (g, s)
-    out = logits.new_empty(*lead, queries, 1 + size * size)
+    out = logits.new_empty(*logits.shape[:-1], 1 + size * size)
     out[..., 0] = logits[..., 0]
-    columns = logits[..., 1:].unflatten(-1, (grid, grid)) @ m  # every query row is one map: (…, Q, g, s)
-    rows = out.view(-1, 1 + size * size)[:, 1:].unflatten(1, (size, size))  # (…·Q, s, s), a view
-    _bmm_into(rows, m.T.expand(rows.shape[0], -1, -1), columns.reshape(-1, grid, size))
+    patches = logits[..., 1:].unflatten(-1, (grid, grid))  # every query row is one map
+    out[..., 1:] = resize_grid(patches, size).flatten(-2)
     return out
 
 
@@ -114,19 +111,9 @@ def resize_queries(logits: Tensor, grid: int, size: int) -> Tensor:
     out[..., 0, :] = logits[..., 0, :]
     patches = logits[..., 1:, :].reshape(-1, grid, keys)  # (…·g rows, g columns, K)
     columns = torch.matmul(m.T, patches)  # along the grid's columns: (…·g, s, K)
-    rows = out.view(-1, (1 + size * size) * keys)[:, keys:].unflatten(1, (size, size * keys))  # (…, s, s·K)
-    _bmm_into(rows, m.T.expand(rows.shape[0], -1, -1), columns.reshape(-1, grid, size * keys))  # along its rows
+    rows = torch.matmul(m.T, columns.reshape(-1, grid, size * keys))  # along its rows: (…, s, s·K)
+    out[..., 1:, :] = rows.reshape(*lead, size * size, keys)
     return out
-
-
-def _bmm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """out[:] = a @ b (batched). Without autograd `bmm` writes straight into the (strided) view
-    `out`: no temporary and no copy of an attention-sized result (a third of the resize's time).
-    Under autograd, or traced by fvcore (whose counter reads `bmm` without `out`), it copies."""
-    if torch.jit.is_tracing() or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
-        out.copy_(torch.bmm(a, b))
-    else:
-        torch.bmm(a, b, out=out)
 
 
 class FeatureReuse(nn.Module):
@@ -281,36 +268,18 @@ class RelationReuse(nn.Module):
         layer asks for it, so the (B, H·L, 1+N, 1+N) stack of all terms (715 MB for DeiT-S at
         batch 64) never exists at once: the memory traffic, not the FLOPs, was the cost on CPU.
         """
-        # (fvcore traces the batched form: the same arithmetic, in ops its counter reads)
-        per_image = not torch.is_grad_enabled() and logits.device.type == "cpu" and not torch.jit.is_tracing()
-        relations = self._mlp_per_image(logits) if per_image else self._mlp(logits)
+        first, act, second = self.mlp
+        hidden = mix_channels(first, logits)  # (B, 3HL, 1+Nu, 1+Nu)
+        # Without autograd the GELU runs in place: allocating a second hidden-sized tensor
+        # (564 MB for DeiT-S at batch 64) cost 3.8x the GELU itself on CPU (page faults).
+        if torch.is_grad_enabled():
+            hidden = act(hidden)
+        else:
+            hidden = torch.ops.aten.gelu_(hidden, approximate=act.approximate)
+        relations = mix_channels(second, hidden)  # (B, HL, 1+Nu, 1+Nu)
         for relation in relations.split(self.num_heads, dim=1):
             relation = resize_keys(relation, self.upstream_grid, self.grid)  # (B, H, 1+Nu, 1+N)
             yield resize_queries(relation, self.upstream_grid, self.grid)  # (B, H, 1+N, 1+N)
-
-    def _mlp(self, logits: Tensor) -> Tensor:
-        """(B, HL, 1+Nu, 1+Nu) → (B, HL, 1+Nu, 1+Nu), the training path (autograd)."""
-        first, act, second = self.mlp
-        return mix_channels(second, act(mix_channels(first, logits)))
-
-    def _mlp_per_image(self, logits: Tensor) -> Tensor:
-        """`_mlp` without autograd on CPU, one image at a time through one reused hidden buffer.
-
-        The batched form writes, re-reads and rewrites a (B, 3HL, 1+Nu, 1+Nu) hidden tensor
-        (564 MB for DeiT-S at batch 64); one image's (3HL, (1+Nu)²) slice (8.8 MB) stays in
-        cache between the convolutions and the in-place GELU. Measured on CPU: 0.36–0.48 s →
-        0.23–0.25 s for the MLP at batch 64.
-        """
-        first, act, second = self.mlp
-        x = logits.flatten(2)  # (B, HL, n)
-        w1, w2 = first.weight.flatten(1), second.weight.flatten(1)
-        hidden = x.new_empty(w1.shape[0], x.shape[2])  # (3HL, n)
-        out = x.new_empty(x.shape[0], w2.shape[0], x.shape[2])  # (B, HL, n)
-        for image, result in zip(x, out):
-            torch.mm(w1, image, out=hidden).add_(first.bias[:, None])
-            torch.ops.aten.gelu_(hidden, approximate=act.approximate)
-            torch.addmm(second.bias[:, None], w2, hidden, out=result)
-        return out.view_as(logits)
 
     def flops(self) -> float:
         channels = self.mlp[0].in_channels
