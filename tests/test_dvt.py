@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_vit.flops import fvcore_gflops, vit_flops
-from adaptive_vit.backbones import vit_dims
+from adaptive_vit.backbones import set_fused_attn, vit_dims
 from adaptive_vit.methods.dvt.convert import AUTHORS_EXITS, convert_authors_checkpoint
 from adaptive_vit.methods.dvt.lit import DVTLitModule
 from adaptive_vit.methods.dvt.model import DVT, Handoff, build_tokenized_vit, split_thresholds
@@ -451,3 +451,19 @@ def test_relation_reuse_without_autograd_equals_with_it() -> None:
         without = list(reuse(logits))
     for a, b in zip(with_grad, without, strict=True):
         torch.testing.assert_close(a.detach(), b)
+
+
+def test_fused_attention_trains_the_relationship_reuse_like_explicit_attention() -> None:
+    """The last exit's reuse term enters fused SDPA (the default) as `attn_mask`: the reuse MLPs
+    must get the same gradients through it as through the explicit matmuls."""
+    model, x = tiny_dvt(), images(2)
+    grads = {}
+    for fused in (False, True):
+        set_fused_attn(model, fused)
+        model.zero_grad()
+        sum(logits.pow(2).mean() for logits in model.forward_train(x)).backward()
+        grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters() if "relation_reuse" in n}
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) == 8
+    for name, grad in grads[False].items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-7)
