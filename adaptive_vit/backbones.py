@@ -34,17 +34,12 @@ Tap = Literal["cls", "logits"] | None
 class Attention(TimmAttention):
     """timm's multi-head self-attention that can also hand back the cls row or the logits.
 
-    `fused` chooses the kernel: True or None (default) = `scaled_dot_product_attention`, False =
-    explicit matmuls. On GPUs the fused kernels are far faster; on this project's 2-core CPU
-    fused SDPA measured ~10 % faster for DeiT-S at batch 64 and the same at batch 1, once the CLI
-    keeps freed memory (`runtime.py`; before that, the explicit path's page faults made it look
-    ~15 % faster).
+    The kernel is timm's own switch, `fused_attn` (True = `scaled_dot_product_attention`, timm's
+    default unless TIMM_FUSED_ATTN=0; False = explicit matmuls; `set_fused_attn` sets it). On GPUs
+    the fused kernels are far faster; on this project's 2-core CPU fused SDPA measured ~10 %
+    faster for DeiT-S at batch 64 and the same at batch 1, once the CLI keeps freed memory
+    (`runtime.py`; before that, the explicit path's page faults made it look ~15 % faster).
     """
-
-    fused: bool | None = None
-
-    def _use_fused(self, x: Tensor) -> bool:
-        return self.fused is not False
 
     def forward(
         self,
@@ -61,7 +56,7 @@ class Attention(TimmAttention):
         q, k = self.q_norm(q), self.k_norm(k)
 
         extra = None
-        if tap != "logits" and not is_causal and self._use_fused(x):
+        if tap != "logits" and not is_causal and self.fused_attn:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask,
                 dropout_p=self.attn_drop.p if self.training else 0.0,
@@ -130,10 +125,13 @@ class Block(TimmBlock):
 
 
 def set_fused_attn(model: torch.nn.Module, fused: bool | None) -> None:
-    """Choose the attention kernel of every `Attention` in `model` (None = the default, fused)."""
+    """Choose the attention kernel of every `Attention` in `model` (None: leave timm's choice,
+    fused SDPA unless TIMM_FUSED_ATTN=0)."""
+    if fused is None:
+        return
     for module in model.modules():
         if isinstance(module, Attention):
-            module.fused = fused
+            module.fused_attn = fused
 
 
 def create_vit(
@@ -158,7 +156,7 @@ def create_vit(
         img_size: input side; None keeps the model's default.
         patch_size: patch side; None keeps the model's default.
         drop_path_rate: stochastic depth rate.
-        fused_attn: attention kernel (see `Attention.fused`).
+        fused_attn: attention kernel (see `Attention`; None: timm's default, fused).
         overrides: further timm keyword arguments (``embed_dim``, ``depth``, ``num_heads``...).
     """
     _check_name(name)

@@ -194,7 +194,7 @@ def _sliced_delta(block: nn.Module, x: Tensor, active: tuple[int, ...] | None, v
     mask = None
     if valid is not None:  # padding rows are not keys
         mask = torch.zeros(g, 1, 1, t, device=x.device, dtype=q.dtype).masked_fill(~valid[:, None, None, :], float("-inf"))
-    if attn._use_fused(x):
+    if attn.fused_attn:
         o = F.scaled_dot_product_attention(q, key, v, attn_mask=mask)
     else:
         logits = (q * attn.scale) @ key.transpose(-2, -1)

@@ -6,7 +6,8 @@ qkv n·D·3hE, attention 2n²hE, proj n·hE·D (`flops.attention_flops`), MLP 2�
 works on floats and on tensors, so with straight-through masks the cost is differentiable.
 
 Controller parts, counted as fvcore counts them (a test checks): the 4×4 average pool is a
-(16, N) @ (N, D) matmul (see controller.py), the two 3×3 convolutions count every kernel tap at every pooled position, means and activations count 0.
+(16, N) @ (N, D) matmul (see controller.py), the two 3×3 convolutions count every kernel tap at
+every pooled position, means and activations count 0.
 The block part (pool, CNN_b, FC_b) runs before every block for every image; the head and token
 branches only for images that execute the block (the paper: skipping a block spares computing its
 head and token policies). Critic heads run only in training and are not counted.
