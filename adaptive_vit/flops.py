@@ -4,8 +4,8 @@ Convention (METHODS.md): one multiply-add = one FLOP (fvcore's), GFLOPs per imag
 attention matmuls counted. fvcore has no handle for `scaled_dot_product_attention` (it would count
 0 and DeiT-S would come out at 4.25 instead of 4.608), so one is registered here; its `matmul`
 handle undercounts a broadcast product such as (s, g) @ (B, g, g) (it multiplies the first
-operand's size by the last dimension), so that one is replaced by an exact count, and `baddbmm`
-(a 1×1 convolution as one batched matmul) gets one. Norms count 5
+operand's size by the last dimension), so that one is replaced by an exact count, and so is `mm`
+(fvcore's refuses `mm(a, b, out=c)`, which DVT's relationship reuse runs). Norms count 5
 FLOPs per element (fvcore's affine norm estimate); activations, softmax, additions count 0.
 
 The analytic formulas below follow the same convention term by term, so a method can compute the
@@ -59,7 +59,7 @@ def fvcore_gflops(model: nn.Module, *inputs: torch.Tensor) -> float:
             counter = FlopCountAnalysis(model, inputs)
             counter.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop_jit)
             counter.set_op_handle("aten::matmul", _product_flop_jit(0))
-            counter.set_op_handle("aten::baddbmm", _product_flop_jit(1))
+            counter.set_op_handle("aten::mm", _product_flop_jit(0))
             counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             total = counter.total()
     finally:

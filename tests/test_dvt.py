@@ -442,10 +442,11 @@ def test_demo_fit_then_test_honours_thresholds(run_cli, tmp_path: Path) -> None:
 
 
 def test_relation_reuse_without_autograd_equals_with_it() -> None:
-    """The in-place bias adds and GELU of the inference path compute the training path's numbers."""
+    """The CPU inference path (image by image, in-place bias adds and GELU) computes the training
+    path's numbers, also on upstream logits that are an indexed, non-contiguous view."""
     torch.manual_seed(0)
     reuse = RelationReuse(num_heads=2, depth=3, upstream_grid=2, grid=3)
-    logits = torch.randn(2, 6, 5, 5)
+    logits = torch.randn(3, 6, 5, 5).transpose(-1, -2)
     with_grad = list(reuse(logits))
     with torch.no_grad():
         without = list(reuse(logits))
