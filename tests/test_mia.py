@@ -10,6 +10,7 @@ from torch import nn
 
 from adaptive_vit.flops import fvcore_gflops
 from adaptive_vit.methods.mia.block import masked_block, sliced_block
+from adaptive_vit.methods.mia.controller import RowConv3x3
 from adaptive_vit.methods.mia.cost import controller_flops
 from adaptive_vit.methods.mia.lit import MIALitModule, PolicyTerm, a2c_losses
 from adaptive_vit.methods.mia.model import Decisions, MIAFormer
@@ -78,6 +79,28 @@ def test_controller_flops_match_fvcore(skips):
     net = tiny(skip_blocks=skips[0], skip_heads=skips[1], skip_tokens=skips[2])
     expected = sum(controller_flops(net.controllers[0], 64))
     assert fvcore_gflops(_AllBranches(net.controllers[0]), torch.randn(1, 65, 64)) * 1e9 == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("size", [(4, 4), (3, 2), (1, 1)])
+def test_row_convolution_is_the_3x3_convolution_and_follows_its_weights(size):
+    torch.manual_seed(0)
+    rows_conv = RowConv3x3(5, 7, size)
+    reference = nn.Conv2d(5, 7, 3, padding=1)
+    reference.load_state_dict(rows_conv.state_dict())  # the same parameters, the same layout
+    rows = torch.randn(2, size[0] * size[1], 5, requires_grad=True)
+    as_map = rows.transpose(1, 2).unflatten(2, size)  # (B, C, h, w)
+    expected = reference(as_map).flatten(2).transpose(1, 2)
+    out = rows_conv(rows)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), [rows, rows_conv.weight])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [rows, reference.weight])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():  # the cached taps weight is rebuilt after the weight changes in place
+        torch.testing.assert_close(rows_conv(rows), expected)
+        rows_conv.weight.mul_(2)
+        reference.weight.mul_(2)
+        torch.testing.assert_close(rows_conv(rows), reference(as_map).flatten(2).transpose(1, 2))
 
 
 @pytest.mark.parametrize("pattern", [{}, {"blocks": 0.25}, {"heads": 0.5}, {"tokens": 0.5},

@@ -7,7 +7,8 @@ works on floats and on tensors, so with straight-through masks the cost is diffe
 
 Controller parts, counted as fvcore counts them (a test checks): the 4×4 average pool is a
 (16, N) @ (N, D) matmul (see controller.py), the two 3×3 convolutions count every kernel tap at
-every pooled position, means and activations count 0.
+every pooled position plus the (16, 144) @ (144, D/4) matmul that sums each position's taps
+(`RowConv3x3`), means and activations count 0.
 The block part (pool, CNN_b, FC_b) runs before every block for every image; the head and token
 branches only for images that execute the block (the paper: skipping a block spares computing its
 head and token policies). Critic heads run only in training and are not counted.
@@ -96,7 +97,8 @@ def controller_flops(controller: MIAController, num_patches: int) -> tuple[float
     if hasattr(controller, "cnn"):
         pooled = controller.pool_size[0] * controller.pool_size[1]
         block += pooled * n * d  # the average pool as a (pooled, N) @ (N, D) matmul
-        block += pooled * 9 * d * r + pooled * 9 * r * r  # two 3×3 convolutions
+        block += pooled * 9 * d * r + pooled * 9 * r * r  # two 3×3 convolutions: every tap ...
+        block += 2 * pooled * 9 * pooled * r  # ... and the sums of each position's taps
     if controller.skip_blocks:
         block += r * 2  # FC_b
     branches = 0.0
