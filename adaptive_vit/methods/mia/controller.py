@@ -82,7 +82,9 @@ class RowConv3x3(nn.Conv2d):
     Two matmuls: every input position times every tap's weights, (B, P, C) @ (C, 9·C_out), then
     each output position sums its nine taps through a fixed 0/1 (P, 9·P) matrix. At batch 1 on CPU
     this takes half the time of the convolution kernel on a 4×4 map (0.16 against 0.33 ms for
-    CNN_b of DeiT-S). The weight in the taps layout is a copy; without autograd it is cached and
+    CNN_b of DeiT-S), and the same at batch 64. The tap sums count as the matmul they are
+    (P·9P·C_out multiply-adds, `cost.controller_flops`): summing by gather and `sum` instead would
+    count only the convolution's but took 6× longer at batch 64. The weight in the taps layout is a copy; without autograd it is cached and
     rebuilt when the weight changes (an optimizer step or a loaded checkpoint bumps its version).
 
     Args:
