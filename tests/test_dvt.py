@@ -454,6 +454,19 @@ def test_relation_reuse_without_autograd_equals_with_it() -> None:
         torch.testing.assert_close(a.detach(), b)
 
 
+def test_inference_under_cpu_bfloat16_autocast() -> None:
+    """`precision: bf16-mixed` on CPU: the relationship reuse's `out=` matmuls are not autocast,
+    so they must run in the logits' dtype (they once raised a dtype error)."""
+    model, x = tiny_dvt(), images()
+    with torch.no_grad():
+        reference = model.forward_exits(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model.forward_exits(x)
+    for low, full in zip(mixed, reference, strict=True):
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), full, atol=0.05, rtol=0.05)
+
+
 def test_fused_attention_trains_the_relationship_reuse_like_explicit_attention() -> None:
     """The last exit's reuse term enters fused SDPA (the default) as `attn_mask`: the reuse MLPs
     must get the same gradients through it as through the explicit matmuls."""
