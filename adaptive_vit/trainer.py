@@ -75,10 +75,12 @@ class AdaptiveTrainer(Trainer):
         """Images/s and latency of the static backbone and of the method's adaptive inference.
 
         Random input of the configured size, eval mode, `torch.inference_mode`; the static model
-        and every mode are timed in turns (`time_interleaved`), each figure the median of
-        `repeats` turns after `warmup` untimed ones. Speed is measured as a ratio within
-        one run: `speedup` = static time / adaptive time, next to `flops_reduction` = static
-        GFLOPs / executed GFLOPs; `efficiency` = speedup / flops_reduction.
+        and every mode are timed in turns (`time_turns`), each figure the median of `repeats`
+        turns after `warmup` untimed ones. Speed is measured as a ratio within one run:
+        `speedup` = static time / adaptive time, next to `flops_reduction` = static GFLOPs /
+        executed GFLOPs; `efficiency` = speedup / flops_reduction. `speedup_spread` and
+        `efficiency_spread` give the lowest and highest of a single turn (static and adaptive
+        timed back to back): on a shared machine they show how far its load moved the figures.
 
         Args:
             model: the configured LightningModule.
@@ -110,8 +112,8 @@ class AdaptiveTrainer(Trainer):
                 gflops = {"static": static_gflops}
                 for label, run in net.benchmark_modes(x):
                     runs[label], gflops[label] = run, float(run().gflops.mean())
-                seconds = time_interleaved(runs, repeats, warmup, device)
-            rows += [_row(label, batch_size, seconds[label], seconds["static"], gflops[label], static_gflops)
+                turns = time_turns(runs, repeats, warmup, device)
+            rows += [benchmark_row(label, batch_size, turns[label], turns["static"], gflops[label], static_gflops)
                      for label in runs]
         for row in rows:
             row.update(threads=torch.get_num_threads(), device=str(device), model=type(net).__name__)
@@ -123,22 +125,23 @@ class AdaptiveTrainer(Trainer):
         else:
             _print_table(
                 f"{type(net).__name__} on {device}, {torch.get_num_threads()} threads",
-                ["mode", "batch", "images/s", "latency ms", "GFLOPs", "FLOPs reduction", "speedup", "efficiency"],
+                ["mode", "batch", "images/s", "latency ms", "GFLOPs", "FLOPs reduction", "speedup", "efficiency",
+                 "efficiency, turns"],
                 [[r["mode"], r["batch_size"], f"{r['images_per_s']:.1f}", f"{r['latency_ms']:.1f}",
                   f"{r['gflops']:.3f}", f"{r['flops_reduction']:.2f}x", f"{r['speedup']:.2f}x",
-                  f"{r['efficiency']:.2f}"] for r in rows],
+                  f"{r['efficiency']:.2f}", "{:.2f}–{:.2f}".format(*r["efficiency_spread"])] for r in rows],
             )
         return rows
 
 
-def time_interleaved(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
-                     device: torch.device | None = None) -> dict[str, float]:
-    """Median seconds of each run, timed in turns (a, b, c, a, b, c, ...) so that a change of
-    machine speed or load hits every run alike and their ratios stay meaningful.
+def time_turns(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+               device: torch.device | None = None) -> dict[str, list[float]]:
+    """Seconds of each run in each turn, timed in turns (a, b, c, a, b, c, ...) so that a change
+    of machine speed or load hits every run alike and their ratios stay meaningful.
 
     Args:
         runs: label → a callable doing the work once.
-        repeats: timed turns (the median counts).
+        repeats: timed turns.
         warmup: untimed turns first.
         device: synchronised around each run when it is a CUDA device.
     """
@@ -158,17 +161,29 @@ def time_interleaved(runs: dict[str, Callable[[], Any]], repeats: int, warmup: i
     for _ in range(max(1, repeats)):
         for label, run in runs.items():
             times[label].append(timed(run))
-    return {label: statistics.median(t) for label, t in times.items()}
+    return times
 
 
-def _row(mode: str, batch_size: int, seconds: float, base_seconds: float, gflops: float,
+def time_interleaved(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                     device: torch.device | None = None) -> dict[str, float]:
+    """Median seconds of each run over `time_turns`' turns."""
+    return {label: statistics.median(t) for label, t in time_turns(runs, repeats, warmup, device).items()}
+
+
+def benchmark_row(mode: str, batch_size: int, turns: list[float], static_turns: list[float], gflops: float,
          static_gflops: float) -> dict[str, Any]:
-    speedup = base_seconds / seconds
+    """One benchmark row from the per-turn seconds of a mode and of the static model: medians, and
+    the lowest and highest speedup of a single turn (how much the machine's load moved it)."""
+    seconds, static_seconds = statistics.median(turns), statistics.median(static_turns)
+    speedup = static_seconds / seconds
     reduction = static_gflops / gflops
+    per_turn = [s / t for s, t in zip(static_turns, turns)]
+    spread = [min(per_turn), max(per_turn)]
     return {
         "mode": mode, "batch_size": batch_size, "images_per_s": batch_size / seconds,
         "latency_ms": 1000 * seconds, "gflops": gflops, "flops_reduction": reduction,
         "speedup": speedup, "efficiency": speedup / reduction,
+        "speedup_spread": spread, "efficiency_spread": [v / reduction for v in spread],
     }
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from adaptive_vit.trainer import benchmark_row
 from conftest import FAST_TRAINER, REPO, TINY_VIT
 
 STATIC = ["--config", str(REPO / "configs/demo/static.yaml")]
@@ -105,12 +106,25 @@ def test_flops_json(tmp_path: Path) -> None:
 
 def test_benchmark_reports_ratios(run_cli, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    run_cli("benchmark", *STATIC, *TINY_VIT, "--batch_sizes", "[2]", "--repeats", "1", "--warmup", "0",
+    run_cli("benchmark", *STATIC, *TINY_VIT, "--batch_sizes", "[2]", "--repeats", "3", "--warmup", "0",
             "--output", str(out), "--trainer.accelerator", "cpu")
     rows = json.loads(out.read_text())
     assert [r["mode"] for r in rows] == ["static", "adaptive"]
     assert all(r["images_per_s"] > 0 and r["threads"] >= 1 for r in rows)
     assert rows[1]["flops_reduction"] == pytest.approx(1.0)
+    assert rows[0]["speedup_spread"] == [1.0, 1.0]  # the static model against itself, turn by turn
+    low, high = rows[1]["efficiency_spread"]
+    assert low <= high and low == pytest.approx(rows[1]["speedup_spread"][0] / rows[1]["flops_reduction"])
+
+
+def test_benchmark_row_spread_is_turn_by_turn() -> None:
+    """The spread pairs each turn's static and adaptive times (not the extremes of each)."""
+    row = benchmark_row("adaptive", 4, turns=[1.0, 2.0, 4.0], static_turns=[2.0, 2.0, 4.0], gflops=1.0,
+                        static_gflops=2.0)
+    assert row["speedup"] == pytest.approx(1.0)  # medians 2 / 2
+    assert row["speedup_spread"] == [1.0, 2.0]  # turns: 2/1, 2/2, 4/4
+    assert row["efficiency_spread"] == [0.5, 1.0]
+    assert row["latency_ms"] == pytest.approx(2000.0) and row["images_per_s"] == pytest.approx(2.0)
 
 
 def test_dockerfile_installs_the_package_and_entry_point() -> None:
