@@ -113,8 +113,8 @@ class AdaptiveTrainer(Trainer):
                 for label, run in net.benchmark_modes(x):
                     runs[label], gflops[label] = run, float(run().gflops.mean())
                 turns = time_turns(runs, repeats, warmup, device)
-            rows += [benchmark_row(label, batch_size, turns[label], turns["static"], gflops[label], static_gflops)
-                     for label in runs]
+            rows += [benchmark_row(label, batch_size, turns[label], turns["static"], gflops[label],
+                                   static_gflops) for label in runs]
         for row in rows:
             row.update(threads=torch.get_num_threads(), device=str(device), model=type(net).__name__)
         if output:

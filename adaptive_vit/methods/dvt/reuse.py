@@ -285,8 +285,8 @@ class RelationReuse(nn.Module):
         # CPU inference: image by image through one reused hidden buffer. One image's (3HL, n²)
         # hidden map (8.8 MB for DeiT-S) stays in cache, where the whole batch's (564 MB at batch
         # 64) went to memory and back three times (matmul, GELU, matmul): 0.32 → 0.23 s. The GELU
-        # runs in place. (On a GPU the batched matmuls above are the fast way.)
-        # (in the logits' dtype: under CPU autocast they are bfloat16, and `out=` is not autocast)
+        # runs in place. (On a GPU the batched matmuls above are the fast way.) Weights in the
+        # logits' dtype: under CPU autocast the logits are bfloat16, and `out=` is not autocast.
         w1, b1 = first.weight.flatten(1).to(logits.dtype), first.bias.to(logits.dtype)  # (3HL, HL)
         w2, b2 = second.weight.flatten(1).to(logits.dtype), second.bias.to(logits.dtype)  # (HL, 3HL)
         relations = torch.empty_like(logits, memory_format=torch.contiguous_format)

@@ -84,8 +84,9 @@ class RowConv3x3(nn.Conv2d):
     this takes half the time of the convolution kernel on a 4×4 map (0.16 against 0.33 ms for
     CNN_b of DeiT-S), and the same at batch 64. The tap sums count as the matmul they are
     (P·9P·C_out multiply-adds, `cost.controller_flops`): summing by gather and `sum` instead would
-    count only the convolution's but took 6× longer at batch 64. The weight in the taps layout is a copy; without autograd it is cached and
-    rebuilt when the weight changes (an optimizer step or a loaded checkpoint bumps its version).
+    count only the convolution's but took 6× longer at batch 64. The weight in the taps layout is
+    a copy; without autograd it is cached and rebuilt when the weight changes (an optimizer step or
+    a loaded checkpoint bumps its version).
 
     Args:
         in_channels: C.
