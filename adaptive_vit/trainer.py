@@ -164,12 +164,6 @@ def time_turns(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
     return times
 
 
-def time_interleaved(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
-                     device: torch.device | None = None) -> dict[str, float]:
-    """Median seconds of each run over `time_turns`' turns."""
-    return {label: statistics.median(t) for label, t in time_turns(runs, repeats, warmup, device).items()}
-
-
 def benchmark_row(mode: str, batch_size: int, turns: list[float], static_turns: list[float], gflops: float,
          static_gflops: float) -> dict[str, Any]:
     """One benchmark row from the per-turn seconds of a mode and of the static model: medians, and

@@ -27,6 +27,7 @@ import datetime
 import json
 import math
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -45,7 +46,7 @@ from adaptive_vit.callbacks import RobustnessEvaluation  # noqa: E402
 from adaptive_vit.callbacks.calibration import json_safe  # noqa: E402
 from adaptive_vit.callbacks.calibration import write_csv as calibration_csv  # noqa: E402
 from adaptive_vit.methods.network import AdaptiveNetwork  # noqa: E402
-from adaptive_vit.trainer import time_interleaved  # noqa: E402
+from adaptive_vit.trainer import benchmark_row, time_turns  # noqa: E402
 
 BATCH = 64  # batch size of the throughput figures
 
@@ -214,14 +215,13 @@ def method_rows(run: DemoRun, static: DemoRun, repeats: int,
             "test_seconds": round(seconds, 1),
         })
     with torch.no_grad():
-        seconds = time_interleaved(timed, repeats)
+        turns = time_turns(timed, repeats)
     for row in rows:
-        speedup = seconds["static"] / seconds[row["budget"]]
-        reduction = static_gflops / row["timed_gflops"]
+        speed = benchmark_row(row["budget"], images, turns[row["budget"]], turns["static"],
+                              row["timed_gflops"], static_gflops)
+        row.update({key: speed[key] for key in ("images_per_s", "speedup", "flops_reduction", "efficiency")})
         row.update({
-            "images_per_s": images / seconds[row["budget"]],
-            "static_images_per_s": images / seconds["static"],
-            "speedup": speedup, "flops_reduction": reduction, "efficiency": speedup / reduction,
+            "static_images_per_s": images / statistics.median(turns["static"]),
             "method_seconds": round(run.seconds + time.time() - start, 1),
         })
     extras = {"exit_names": list(net.exit_names), "exit_gflops": net.exit_gflops(),
