@@ -84,24 +84,23 @@ def sliced_block(block: nn.Module, x: Tensor, samples: Tensor, heads: Tensor, to
     """
     if samples.numel() == 0:
         return x
-    H = heads.shape[1]
-    pattern = (heads.long() << torch.arange(H, device=x.device)).sum(1)  # (G,) head set as bits
-    keys = pattern.unique().tolist()
-    if len(keys) == 1 and samples.numel() == x.shape[0]:  # one group, every image (batch size 1)
-        return x + _group_delta(block, x, tokens, keys[0], H)
+    groups: dict[tuple[int, ...], list[int]] = {}  # active heads → members (rows of `heads`)
+    for member, row in enumerate(heads.tolist()):  # one host read (few ops: batch 1 is op-bound)
+        groups.setdefault(tuple(h for h, on in enumerate(row) if on), []).append(member)
+    if len(groups) == 1 and samples.numel() == x.shape[0]:  # one group, every image (batch size 1)
+        return x + _group_delta(block, x, tokens, next(iter(groups)), heads.shape[1])
     out = x.clone()
-    for key in keys:
-        members = (pattern == key).nonzero()[:, 0]
+    for active, members in groups.items():
+        members = torch.tensor(members, device=x.device)
         group = samples[members]
-        out.index_add_(0, group, _group_delta(block, x[group], tokens[members], key, H))
+        out.index_add_(0, group, _group_delta(block, x[group], tokens[members], active, heads.shape[1]))
     return out
 
 
-def _group_delta(block: nn.Module, x: Tensor, tokens: Tensor, key: int, num_heads: int) -> Tensor:
-    """Residual update (g, T, D) of images sharing the head set `key` (bit h = head h active)."""
-    active = [h for h in range(num_heads) if key >> h & 1]
+def _group_delta(block: nn.Module, x: Tensor, tokens: Tensor, active: tuple[int, ...], num_heads: int) -> Tensor:
+    """Residual update (g, T, D) of images sharing the active heads `active`."""
     xs, index, valid = gather_tokens(x, tokens)
-    delta = _sliced_delta(block, xs, None if len(active) == num_heads else tuple(active), valid)
+    delta = _sliced_delta(block, xs, None if len(active) == num_heads else active, valid)
     return scatter_tokens(delta, index, valid, x.shape[1])
 
 
@@ -145,10 +144,21 @@ def scatter_tokens(delta: Tensor, index: Tensor | None, valid: Tensor | None, to
 def _take(weight: Tensor, dim: int, active: tuple[int, ...], width: int) -> Tensor:
     """The `width`-wide slices of the active heads along `dim`: a view (no copy) when the heads
     are contiguous, a gathered copy otherwise."""
-    first, count = active[0], len(active)
-    if active[-1] - first + 1 == count:
-        return weight.narrow(dim, first * width, count * width)
+    if _is_range(active):
+        return weight.narrow(dim, active[0] * width, len(active) * width)
     return weight.index_select(dim, _head_channels(active, width, weight.device))
+
+
+def _add_to_heads(out: Tensor, update: Tensor, active: tuple[int, ...], width: int) -> Tensor:
+    """`out` with `update` added, in place, to the active heads' `width`-wide slices of its last axis."""
+    if _is_range(active):
+        out.narrow(-1, active[0] * width, len(active) * width).add_(update)
+        return out
+    return out.index_add_(-1, _head_channels(active, width, out.device), update)
+
+
+def _is_range(active: tuple[int, ...]) -> bool:
+    return active[-1] - active[0] + 1 == len(active)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -211,4 +221,4 @@ def _sliced_delta(block: nn.Module, x: Tensor, active: tuple[int, ...] | None, v
     b1 = None if mlp.fc1.bias is None else _take(mlp.fc1.bias, 0, active, group)
     b2 = None if mlp.fc2.bias is None else _take(mlp.fc2.bias, 0, active, E)
     m = F.linear(mlp.act(F.linear(_take(y, 2, active, E), w1, b1)), w2, b2)  # (g, t, kE)
-    return a.index_add(-1, _head_channels(active, E, x.device), m)  # fc2 writes only the active groups' channels
+    return _add_to_heads(a, m, active, E)  # fc2 writes only the active groups' channels
