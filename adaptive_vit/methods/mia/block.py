@@ -88,20 +88,20 @@ def sliced_block(block: nn.Module, x: Tensor, samples: Tensor, heads: Tensor, to
     for member, row in enumerate(heads.tolist()):  # one host read (few ops: batch 1 is op-bound)
         groups.setdefault(tuple(h for h, on in enumerate(row) if on), []).append(member)
     if len(groups) == 1 and samples.numel() == x.shape[0]:  # one group, every image (batch size 1)
-        return x + _group_delta(block, x, tokens, next(iter(groups)), heads.shape[1])
+        return _group_update(block, x, tokens, next(iter(groups)), heads.shape[1])
     out = x.clone()
     for active, members in groups.items():
         members = torch.tensor(members, device=x.device)
         group = samples[members]
-        out.index_add_(0, group, _group_delta(block, x[group], tokens[members], active, heads.shape[1]))
+        out.index_copy_(0, group, _group_update(block, x[group], tokens[members], active, heads.shape[1]))
     return out
 
 
-def _group_delta(block: nn.Module, x: Tensor, tokens: Tensor, active: tuple[int, ...], num_heads: int) -> Tensor:
-    """Residual update (g, T, D) of images sharing the active heads `active`."""
+def _group_update(block: nn.Module, x: Tensor, tokens: Tensor, active: tuple[int, ...], num_heads: int) -> Tensor:
+    """Block output (g, T, D) of images sharing the active heads `active`."""
     xs, index, valid = gather_tokens(x, tokens)
     delta = _sliced_delta(block, xs, None if len(active) == num_heads else active, valid)
-    return scatter_tokens(delta, index, valid, x.shape[1])
+    return add_at_tokens(x, delta, index, valid)
 
 
 def gather_tokens(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -128,17 +128,16 @@ def gather_tokens(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor | None, Tenso
     return gathered, index, valid
 
 
-def scatter_tokens(delta: Tensor, index: Tensor | None, valid: Tensor | None, tokens: int) -> Tensor:
-    """Inverse of `gather_tokens` for a residual update: (g, t, D) → (g, T, D), zeros elsewhere.
+def add_at_tokens(x: Tensor, delta: Tensor, index: Tensor | None, valid: Tensor | None) -> Tensor:
+    """Inverse of `gather_tokens` for a residual update: `x` (g, T, D) with `delta` (g, t, D)
+    added at the gathered tokens' positions (one scatter-add; the other tokens keep their value).
 
     Padding rows map to distinct dropped-token positions (the permutation's tail) and are zeroed."""
     if index is None:
-        return delta
+        return x + delta
     if valid is not None:
         delta = delta * valid[..., None]
-    t = delta.shape[1]
-    full = delta.new_zeros(delta.shape[0], tokens, delta.shape[2])
-    return full.scatter(1, index[:, :t, None].expand(-1, -1, delta.shape[2]), delta)
+    return x.scatter_add(1, index[:, :delta.shape[1], None].expand(-1, -1, x.shape[2]), delta)
 
 
 def _take(weight: Tensor, dim: int, active: tuple[int, ...], width: int) -> Tensor:
