@@ -52,7 +52,7 @@ class AdaptiveTrainer(Trainer):
         if format == "json":
             print(json.dumps(report, indent=2))
         else:
-            _print_table(
+            print_table(
                 f"{report['model']}: {report['params_m']:.2f} M parameters, static backbone "
                 f"{report['static_gflops']:.3f} GFLOPs",
                 ["exit", "GFLOPs", "cumulative GFLOPs"],
@@ -123,7 +123,7 @@ class AdaptiveTrainer(Trainer):
         if format == "json":
             print(json.dumps(rows, indent=2))
         else:
-            _print_table(
+            print_table(
                 f"{type(net).__name__} on {device}, {torch.get_num_threads()} threads",
                 ["mode", "batch", "images/s", "latency ms", "GFLOPs", "FLOPs reduction", "speedup", "efficiency",
                  "efficiency, turns"],
@@ -181,7 +181,8 @@ def benchmark_row(mode: str, batch_size: int, turns: list[float], static_turns: 
     }
 
 
-def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A rich table on stdout (the `flops` and `benchmark` tables; benchmark scripts use it too)."""
     from rich.console import Console
     from rich.table import Table
 

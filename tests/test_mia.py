@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -41,11 +42,7 @@ class FixedMIA(nn.Module):
         self.net, self.d = net, decisions
 
     def forward(self, x):
-        x = self.net._embed(x)
-        for l, block in enumerate(self.net.backbone.blocks):
-            samples = self.d.blocks[:, l].nonzero()[:, 0]
-            x = sliced_block(block, x, samples, self.d.heads[samples, l], self.d.tokens[samples, l])
-        return self.net._head(x)
+        return self.net.forward_blocks(x, self.d)
 
 
 # ---------------------------------------------------------------------------------- costs
@@ -139,6 +136,8 @@ def test_masked_and_sliced_paths_agree():
             sliced = net.forward_sliced(x, d)
             torch.testing.assert_close(sliced.logits, masked.logits, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(sliced.gflops, masked.gflops)
+            if d is not None:  # the blocks without any controller compute the same function
+                torch.testing.assert_close(net.forward_blocks(x, d), sliced.logits)
         # the controllers' own decisions: mixed per image (random init skips some of everything)
         assert 0 < sliced.decisions["blocks"].mean() < 1 and 0 < sliced.decisions["tokens"].mean() < 1
         # batched == one image at a time (grouping by head pattern, token padding)
@@ -379,6 +378,23 @@ def test_cli_flops_json(run_cli, capsys):
     assert report["static_gflops"] == pytest.approx(4.608, rel=5e-3)
     assert len(report["exits"]) == 1
     assert report["static_gflops"] < report["exits"][0]["cumulative_gflops"] <= 1.05 * report["static_gflops"]
+
+
+def test_controllers_benchmark_times_every_pattern_with_and_without_controllers():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import mia_controllers
+
+    net = tiny()
+    rows = {r["mode"]: r for r in mia_controllers.measure(net, batch_size=2, repeats=1, warmup=0)}
+    patterns = list(net.fixed_patterns(2))
+    assert list(rows) == ["static"] + [m for p in patterns for m in (p, f"{p}, blocks alone")]
+    controllers = net.cost.total() / 1e9 - net.static_gflops()
+    # all on: with the controllers every one of them is counted, without them the plain backbone
+    assert rows["all on"]["gflops"] == pytest.approx(net.static_gflops() + controllers)
+    assert rows["all on, blocks alone"]["gflops"] == pytest.approx(net.static_gflops())
+    for p in patterns:
+        assert rows[f"{p}, blocks alone"]["gflops"] < rows[p]["gflops"]
+        assert rows[p]["latency_ms"] > 0 and rows[p]["efficiency"] > 0
 
 
 def test_cli_benchmark_fixed_patterns(run_cli, capsys):

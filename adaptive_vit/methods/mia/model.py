@@ -174,6 +174,17 @@ class MIAFormer(AdaptiveNetwork):
         exit_index = torch.zeros(B, dtype=torch.long, device=x.device)
         return AdaptiveOutput(self._head(x), exit_index, gflops, decisions)
 
+    def forward_blocks(self, x: Tensor, decisions: Decisions) -> Tensor:
+        """(B, classes) logits of the sliced blocks under `decisions` with no controller run: those
+        of `forward_sliced(x, decisions)` (tested). A fixed pattern as a static model, for FLOPs
+        checks against fvcore and to time what the blocks cost alone
+        (`benchmarks/mia_controllers.py`)."""
+        z = self._embed(x)
+        for l, block in enumerate(self.backbone.blocks):
+            samples = decisions.blocks[:, l].nonzero()[:, 0]
+            z = sliced_block(block, z, samples, decisions.heads[samples, l], decisions.tokens[samples, l])
+        return self._head(z)
+
     def _decide_sliced(self, controller: MIAController, x: Tensor, l: int,
                        override: Decisions | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Argmax decisions of block l: (B,) executed, (G,) executing images, their (G, H) heads
@@ -240,14 +251,18 @@ class MIAFormer(AdaptiveNetwork):
         """The controllers' own decisions, then fixed patterns (25 % / 50 % of the tokens, heads
         or blocks skipped, the same for every image) with the controllers still running."""
         yield "controllers", lambda: self.forward_sliced(x)
+        for label, override in self.fixed_patterns(x.shape[0], x.device).items():
+            yield label, lambda o=override: self.forward_sliced(x, o)
+
+    def fixed_patterns(self, batch: int, device: torch.device | None = None) -> dict[str, Decisions]:
+        """The benchmark's patterns by label: all on, 25 % / 50 % of the blocks, heads or tokens
+        skipped, and 25 % of each (`fixed_decisions`)."""
         patterns = {"all on": {}}
         for fraction in (0.25, 0.5):
             for dim in DIMENSIONS:
                 patterns[f"{dim} -{fraction:.0%}"] = {dim: fraction}
         patterns["all -25%"] = dict.fromkeys(DIMENSIONS, 0.25)
-        for label, skipped in patterns.items():
-            override = self.fixed_decisions(x.shape[0], **skipped, device=x.device)
-            yield label, lambda o=override: self.forward_sliced(x, o)
+        return {label: self.fixed_decisions(batch, **skipped, device=device) for label, skipped in patterns.items()}
 
     def fixed_decisions(self, batch: int, blocks: float = 0.0, heads: float = 0.0, tokens: float = 0.0,
                         device: torch.device | None = None, seed: int = 0) -> Decisions:

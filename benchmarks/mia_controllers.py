@@ -1,0 +1,86 @@
+"""What MIA-Former's controllers cost in time: each fixed pattern with and without them.
+
+For every fixed decision pattern of `adaptive-vit benchmark` (`MIAFormer.fixed_patterns`), times
+in turns, next to the static backbone:
+
+- ``controllers``: the sliced model as the benchmark runs it, controllers included;
+- ``blocks alone``: the same decisions applied to the same sliced blocks with no controller run,
+  its GFLOPs counted without the controllers'.
+
+Both rows give efficiency = speedup / FLOPs reduction (`trainer.benchmark_row`). The second row
+says how far the sliced blocks by themselves reach: a batch-1 target they miss cannot be met by
+making the controllers cheaper. The blocks-alone forward (`MIAFormer.forward_blocks`) gives the
+same logits as the full one (tested).
+
+    python benchmarks/mia_controllers.py                       # DeiT-S, batch 1, random weights
+    python benchmarks/mia_controllers.py --batch_size 64 --repeats 5 --output mia_controllers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from adaptive_vit.methods.mia.model import Decisions, MIAFormer  # noqa: E402
+from adaptive_vit.runtime import keep_freed_memory  # noqa: E402
+from adaptive_vit.trainer import benchmark_row, print_table, time_turns  # noqa: E402
+
+
+def blocks_alone_gflops(net: MIAFormer, decisions: Decisions) -> float:
+    """Mean executed GFLOPs of `decisions` with the controllers' FLOPs left out."""
+    cost = dataclasses.replace(net.cost, controller_block=0.0, controller_branches=0.0)
+    executed = cost.executed(decisions.blocks.float(), decisions.heads.sum(-1).float(),
+                             decisions.tokens.sum(-1).float())
+    return float(executed.mean()) / 1e9
+
+
+def measure(net: MIAFormer, batch_size: int, repeats: int, warmup: int = 2) -> list[dict[str, Any]]:
+    """Rows (`benchmark_row`, mode "<pattern>" and "<pattern>, blocks alone") of every fixed pattern."""
+    net = net.eval()
+    static = net.static_baseline().eval()
+    x = torch.randn(batch_size, *net.input_size())
+    static_gflops = net.static_gflops()
+    runs, gflops = {"static": lambda: static(x)}, {"static": static_gflops}
+    with torch.inference_mode():
+        for label, decisions in net.fixed_patterns(batch_size).items():
+            runs[label] = lambda d=decisions: net.forward_sliced(x, d)
+            gflops[label] = float(runs[label]().gflops.mean())
+            runs[f"{label}, blocks alone"] = lambda d=decisions: net.forward_blocks(x, d)
+            gflops[f"{label}, blocks alone"] = blocks_alone_gflops(net, decisions)
+        turns = time_turns(runs, repeats, warmup)
+    return [benchmark_row(label, batch_size, turns[label], turns["static"], gflops[label], static_gflops)
+            for label in runs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="deit_small_patch16_224", help="timm ViT name")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=15, help="timed turns (medians reported)")
+    parser.add_argument("--output", help="also write the rows as JSON to this file")
+    args = parser.parse_args()
+    keep_freed_memory()  # as the CLI does: no page faults on every fresh activation
+    torch.manual_seed(0)
+    rows = measure(MIAFormer.from_name(args.backbone), args.batch_size, args.repeats)
+    if args.output:
+        Path(args.output).write_text(json.dumps(rows, indent=2))
+    print_table(
+        f"MIA-Former ({args.backbone}), batch {args.batch_size}, {torch.get_num_threads()} threads",
+        ["mode", "latency ms", "GFLOPs", "FLOPs reduction", "speedup", "efficiency", "efficiency, turns"],
+        [[r["mode"], f"{r['latency_ms']:.1f}", f"{r['gflops']:.3f}", f"{r['flops_reduction']:.2f}x",
+          f"{r['speedup']:.2f}x", f"{r['efficiency']:.2f}", "{:.2f}–{:.2f}".format(*r["efficiency_spread"])]
+         for r in rows],
+    )
+
+
+if __name__ == "__main__":
+    main()
