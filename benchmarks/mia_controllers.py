@@ -1,11 +1,11 @@
 """What MIA-Former's controllers cost in time: each fixed pattern with and without them.
 
 For every fixed decision pattern of `adaptive-vit benchmark` (`MIAFormer.fixed_patterns`), times
-in turns, next to the static backbone:
+on the CPU, in turns with the static backbone (random weights):
 
-- ``controllers``: the sliced model as the benchmark runs it, controllers included;
-- ``blocks alone``: the same decisions applied to the same sliced blocks with no controller run,
-  its GFLOPs counted without the controllers'.
+- ``<pattern>``: the sliced model as the benchmark runs it, controllers included;
+- ``<pattern>, blocks alone``: the same decisions applied to the same sliced blocks with no
+  controller run, its GFLOPs counted without the controllers'.
 
 Both rows give efficiency = speedup / FLOPs reduction (`trainer.benchmark_row`). The second row
 says how far the sliced blocks by themselves reach: a batch-1 target they miss cannot be met by
