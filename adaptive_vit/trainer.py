@@ -165,7 +165,7 @@ def time_turns(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
 
 
 def benchmark_row(mode: str, batch_size: int, turns: list[float], static_turns: list[float], gflops: float,
-         static_gflops: float) -> dict[str, Any]:
+                  static_gflops: float) -> dict[str, Any]:
     """One benchmark row from the per-turn seconds of a mode and of the static model: medians, and
     the lowest and highest speedup of a single turn (how much the machine's load moved it)."""
     seconds, static_seconds = statistics.median(turns), statistics.median(static_turns)
