@@ -47,6 +47,15 @@ def _product_flop_jit(operand: int) -> Callable[[list[Any], list[Any]], int]:
     return handle
 
 
+_OP_HANDLES: dict[str, Callable[[list[Any], list[Any]], int]] = {}
+
+
+def register_op_handle(op: str, handle: Callable[[list[Any], list[Any]], int]) -> None:
+    """Have `fvcore_gflops` count the custom op `op` (e.g. ``"adaptive_vit::resize_relation"``)
+    with `handle(inputs, outputs)` → multiply-adds; fvcore would count it as 0."""
+    _OP_HANDLES[op] = handle
+
+
 def fvcore_gflops(model: nn.Module, *inputs: torch.Tensor) -> float:
     """GFLOPs per image of `model(*inputs)` in eval mode, counted by fvcore (attention included)."""
     from fvcore.nn import FlopCountAnalysis
@@ -60,6 +69,8 @@ def fvcore_gflops(model: nn.Module, *inputs: torch.Tensor) -> float:
             counter.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop_jit)
             counter.set_op_handle("aten::matmul", _product_flop_jit(0))
             counter.set_op_handle("aten::mm", _product_flop_jit(0))
+            for op, handle in _OP_HANDLES.items():
+                counter.set_op_handle(op, handle)
             counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             total = counter.total()
     finally:

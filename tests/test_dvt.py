@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from adaptive_vit.flops import fvcore_gflops, vit_flops
 from adaptive_vit.backbones import set_fused_attn, vit_dims
+from adaptive_vit.methods.dvt import kernel
 from adaptive_vit.methods.dvt.convert import AUTHORS_EXITS, convert_authors_checkpoint
 from adaptive_vit.methods.dvt.lit import DVTLitModule
 from adaptive_vit.methods.dvt.model import DVT, Handoff, build_tokenized_vit, split_thresholds
@@ -72,6 +74,46 @@ def test_relation_resize_keys_then_queries_keeps_cls_apart() -> None:
     expected = torch.einsum("ai,bj,ijkl,ck,dl->abcd", one_d, one_d, patch, one_d, one_d)
     torch.testing.assert_close(out[0, 0, 1:, 1:], expected.reshape(9, 9))
     assert resize_keys(logits, 2, 3).shape == (1, 1, 5, 10)
+
+
+@pytest.mark.parametrize("grid, size", [(2, 3), (4, 6), (7, 10), (10, 14), (5, 5)])
+def test_compiled_relation_resize_equals_the_matmul_resize(grid: int, size: int) -> None:
+    assert kernel.cpu_kernel() is not None, "the CPU resize kernel did not build: see the warning"
+    n = 1 + grid * grid
+    relation = torch.randn(3, 8, n, n)[:, 2:4]  # one layer's slice of a (B, H·L, n, n) stack
+    expected = resize_queries(resize_keys(relation, grid, size), grid, size)
+    torch.testing.assert_close(kernel.resize_relation(relation, grid, size), expected)
+    for dtype in (torch.bfloat16, torch.float16):  # computed in float, stored once in `dtype`
+        low = kernel.resize_relation(relation.to(dtype), grid, size)
+        assert low.dtype == dtype
+        torch.testing.assert_close(low, resize_queries(resize_keys(relation.to(dtype).float(), grid, size),
+                                                       grid, size).to(dtype))
+
+
+def test_relation_resize_falls_back_to_the_matmuls_and_says_how_to_build(monkeypatch) -> None:
+    import torch.utils.cpp_extension
+
+    def no_ninja(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_ninja)
+    with pytest.warns(UserWarning, match=r"Ninja is required.*pip install ninja.*ADAPTIVE_VIT_CPU_KERNEL=0"):
+        assert kernel.cpu_kernel.__wrapped__() is None
+    monkeypatch.setenv(kernel.SWITCH, "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernel.cpu_kernel.__wrapped__() is None  # switched off: not built, no warning
+    monkeypatch.setattr(kernel, "cpu_kernel", lambda: None)
+    relation = torch.randn(2, 2, 17, 17)
+    torch.testing.assert_close(kernel.resize_relation(relation, 4, 6),
+                               resize_queries(resize_keys(relation, 4, 6), 4, 6))
+
+
+def test_resize_taps_reject_a_resize_with_more_than_two_inputs() -> None:
+    taps, weights = kernel.resize_taps(2, 3)  # Figure 5: [x0, (x0+x1)/2, x1]
+    assert taps.tolist() == [[0, 0], [0, 1], [1, 1]] and weights.tolist() == [[1, 0], [0.5, 0.5], [1, 0]]
+    with pytest.raises(ValueError, match="at most two"):
+        kernel.resize_taps(14, 5)
 
 
 def test_relation_reuse_is_the_shared_mlp_then_the_resize_split_per_layer() -> None:
@@ -169,11 +211,14 @@ def test_reuse_switches_change_the_costs_as_expected() -> None:
     d, m, hidden, out, blocks = 32, 128, 16, 8, 2
     for k, (up, grid) in enumerate([(4, 6), (6, 8)], start=1):
         n, n_up = grid * grid + 1, up * up
-        resize = up * up * grid + up * grid * grid  # one map's two small matmuls
+        resize = up * up * grid + up * grid * grid  # one token map's two small matmuls
         feature = blocks * (5 * n * out + n * out * m  # wider norm2 and fc1
                             + 5 * n_up * d + n_up * d * hidden + n_up * hidden * out + out * resize)
         hl = 2 * blocks
-        relation = (n_up + 1) ** 2 * 2 * hl * 3 * hl + hl * (n_up + 1 + n) * resize
+        # the relation resize, two taps per output: each input row along its key grid's columns
+        # and rows, then each output patch row from four keyed rows
+        relation_resize = (n_up + 1) * 2 * grid * (up + grid) + grid * grid * 4 * n
+        relation = (n_up + 1) ** 2 * 2 * hl * 3 * hl + hl * relation_resize
         step = {key: (c[k] - c[k - 1]) * 1e9 for key, c in cost.items()}
         assert step[True, False] - step[False, False] == pytest.approx(feature)
         assert step[False, True] - step[False, False] == pytest.approx(relation)
@@ -442,8 +487,9 @@ def test_demo_fit_then_test_honours_thresholds(run_cli, tmp_path: Path) -> None:
 
 
 def test_relation_reuse_without_autograd_equals_with_it() -> None:
-    """The CPU inference path (image by image, in-place bias adds and GELU) computes the training
-    path's numbers, also on upstream logits that are an indexed, non-contiguous view."""
+    """The CPU inference path (image by image, in-place bias adds and GELU, the compiled resize)
+    computes the training path's numbers, also on upstream logits that are an indexed,
+    non-contiguous view."""
     torch.manual_seed(0)
     reuse = RelationReuse(num_heads=2, depth=3, upstream_grid=2, grid=3)
     logits = torch.randn(3, 6, 5, 5).transpose(-1, -2)

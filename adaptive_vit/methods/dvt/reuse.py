@@ -10,14 +10,13 @@
 Both resize a token grid the paper's way (Figure 5): nearest ×2 upsampling, then adaptive average
 pooling to the target grid (naive upsampling hurts, paper Table 8). Both steps act on each axis
 of a map independently, so the 2-D resize of a map X is Mᵀ·X·M with M the (g, s) matrix of the
-1-D resize (`resize_matrix`). We compute it that way: the same numbers as interpolate + pool,
-but on attention-sized tensors (B·H·L maps per query row) two small matmuls run about 7× faster
-on CPU than `F.interpolate` + `F.adaptive_avg_pool2d`, which made relationship reuse cost more
-time than the downstream transformer itself.
+1-D resize (`resize_matrix`). The tokens and, when training, the relations are resized that way:
+the same numbers as interpolate + pool, but on attention-sized tensors two small matmuls run
+about 7× faster on CPU than `F.interpolate` + `F.adaptive_avg_pool2d`. At inference the relations
+go through one op instead (`kernel.resize_relation`: a compiled CPU kernel, 3× faster again).
 
-FLOPs count what runs here (so analytic costs equal fvcore's): g·g·s + g·s·s multiply-adds per
-resized g×g map. This is a little more than the authors' interpolate + pool would count
-(DeiT-S: +0.06 of 8.84 GFLOPs), and it is what the measured speedups pay for.
+FLOPs count what runs at inference (so analytic costs equal fvcore's): g·g·s + g·s·s
+multiply-adds per resized g×g token map, and `kernel.resize_relation_flops` for the relations.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from adaptive_vit.backbones import Block, Tap
+from adaptive_vit.methods.dvt.kernel import resize_relation, resize_relation_flops
 from adaptive_vit.flops import norm_flops
 
 
@@ -274,8 +274,11 @@ class RelationReuse(nn.Module):
         """
         relations = self.relate(logits)  # (B, HL, 1+Nu, 1+Nu)
         for relation in relations.split(self.num_heads, dim=1):
-            relation = resize_keys(relation, self.upstream_grid, self.grid)  # (B, H, 1+Nu, 1+N)
-            yield resize_queries(relation, self.upstream_grid, self.grid)  # (B, H, 1+N, 1+N)
+            if torch.is_grad_enabled():  # the matmuls have a backward
+                relation = resize_keys(relation, self.upstream_grid, self.grid)  # (B, H, 1+Nu, 1+N)
+                yield resize_queries(relation, self.upstream_grid, self.grid)  # (B, H, 1+N, 1+N)
+            else:  # the same numbers; on CPU one compiled pass (`kernel.py`)
+                yield resize_relation(relation, self.upstream_grid, self.grid)
 
     def relate(self, logits: Tensor) -> Tensor:
         """The shared MLP on every position: (B, H·L, n, n) → (B, H·L, n, n)."""
@@ -299,7 +302,6 @@ class RelationReuse(nn.Module):
 
     def flops(self) -> float:
         channels = self.mlp[0].in_channels
-        n_up, n = self.upstream_grid ** 2 + 1, self.grid ** 2 + 1
+        n_up = self.upstream_grid ** 2 + 1
         return (n_up * n_up * 2 * channels * 3 * channels  # the two 1x1 convolutions
-                + resize_flops(channels * n_up, self.upstream_grid, self.grid)  # keys, every query row
-                + resize_flops(channels * n, self.upstream_grid, self.grid))  # queries, every key column
+                + resize_relation_flops(channels, self.upstream_grid, self.grid))
