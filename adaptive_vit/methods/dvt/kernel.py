@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -48,6 +49,8 @@ def cpu_kernel() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
+        # said every time, as torch does not tell in advance whether it will build or reuse
+        print("adaptive-vit: loading DVT's CPU resize kernel (built on first use, ~30 s)", file=sys.stderr)
         return load("adaptive_vit_resize_relation", [str(SOURCE)],
                     extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, no OpenMP: fall back, say why and how to fix
