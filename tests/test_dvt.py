@@ -83,11 +83,12 @@ def test_compiled_relation_resize_equals_the_matmul_resize(grid: int, size: int)
     relation = torch.randn(3, 8, n, n)[:, 2:4]  # one layer's slice of a (B, H·L, n, n) stack
     expected = resize_queries(resize_keys(relation, grid, size), grid, size)
     torch.testing.assert_close(kernel.resize_relation(relation, grid, size), expected)
-    for dtype in (torch.bfloat16, torch.float16):  # computed in float, stored once in `dtype`
-        low = kernel.resize_relation(relation.to(dtype), grid, size)
-        assert low.dtype == dtype
-        torch.testing.assert_close(low, resize_queries(resize_keys(relation.to(dtype).float(), grid, size),
-                                                       grid, size).to(dtype))
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):  # computed in double / float, stored once
+        stored = relation.to(dtype)
+        exact = stored.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        out = kernel.resize_relation(stored, grid, size)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, resize_queries(resize_keys(exact, grid, size), grid, size).to(dtype))
 
 
 def test_relation_resize_falls_back_to_the_matmuls_and_says_how_to_build(monkeypatch) -> None:

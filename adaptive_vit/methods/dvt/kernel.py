@@ -11,8 +11,8 @@ output once. DeiT-S, batch 64, one downstream layer: 10×10 → 14×14 took 35 �
 - **When it is built.** At first use, with PyTorch's own extension builder (g++ and ninja, ~30 s),
   then cached (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`).
 - **Without it.** If it cannot be built, a warning says why, and the op computes the same
-  numbers with the matmuls. The same happens off the CPU (on a GPU the matmuls are the fast
-  way), and when `ADAPTIVE_VIT_CPU_KERNEL=0`.
+  numbers with the matmuls. Off the CPU the op always runs the matmuls (on a GPU they are the
+  fast way), and so it does when `ADAPTIVE_VIT_CPU_KERNEL=0`.
 - **Training.** With autograd on, `RelationReuse` calls the matmuls directly (they have a
   backward); the op is for inference only.
 

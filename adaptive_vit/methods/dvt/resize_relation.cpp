@@ -9,11 +9,12 @@
 //
 // Per map: first every input row is resized along the keys (2-D, into a small buffer that stays
 // in cache), then every output row is the weighted sum of (at most) four of those rows along the
-// queries. Arithmetic in float, whatever the storage type.
+// queries. Arithmetic in float for float, bfloat16 and half storage, in double for double.
 
 #include <torch/extension.h>
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <vector>
@@ -24,27 +25,28 @@ template <typename scalar_t>
 void resize_maps(const scalar_t* in, int64_t batch_stride, int64_t head_stride, int64_t heads,
                  scalar_t* out, int64_t maps, const int64_t* taps, const float* weights, int64_t g,
                  int64_t s) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = 1 + g * g, N = 1 + s * s;
   at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> keyed(n * N), columns(g * s);
+    std::vector<acc_t> keyed(n * N), columns(g * s);
     for (int64_t m = begin; m < end; ++m) {
       const scalar_t* map = in + (m / heads) * batch_stride + (m % heads) * head_stride;
       scalar_t* dst_map = out + m * N * N;
       // keys: every input row (the cls query's too) to N columns: grid columns, then grid rows
       for (int64_t q = 0; q < n; ++q) {
         const scalar_t* row = map + q * n;
-        float* keyed_row = keyed.data() + q * N;
-        keyed_row[0] = static_cast<float>(row[0]);
+        acc_t* keyed_row = keyed.data() + q * N;
+        keyed_row[0] = static_cast<acc_t>(row[0]);
         const scalar_t* patches = row + 1;
         for (int64_t r = 0; r < g; ++r)
           for (int64_t j = 0; j < s; ++j)
-            columns[r * s + j] = weights[2 * j] * static_cast<float>(patches[r * g + taps[2 * j]]) +
-                                 weights[2 * j + 1] * static_cast<float>(patches[r * g + taps[2 * j + 1]]);
+            columns[r * s + j] = weights[2 * j] * static_cast<acc_t>(patches[r * g + taps[2 * j]]) +
+                                 weights[2 * j + 1] * static_cast<acc_t>(patches[r * g + taps[2 * j + 1]]);
         for (int64_t i = 0; i < s; ++i) {
-          const float w0 = weights[2 * i], w1 = weights[2 * i + 1];
-          const float* c0 = columns.data() + taps[2 * i] * s;
-          const float* c1 = columns.data() + taps[2 * i + 1] * s;
-          float* dst = keyed_row + 1 + i * s;
+          const acc_t w0 = weights[2 * i], w1 = weights[2 * i + 1];
+          const acc_t* c0 = columns.data() + taps[2 * i] * s;
+          const acc_t* c1 = columns.data() + taps[2 * i + 1] * s;
+          acc_t* dst = keyed_row + 1 + i * s;
           for (int64_t j = 0; j < s; ++j) dst[j] = w0 * c0[j] + w1 * c1[j];
         }
       }
@@ -52,12 +54,12 @@ void resize_maps(const scalar_t* in, int64_t batch_stride, int64_t head_stride, 
       for (int64_t k = 0; k < N; ++k) dst_map[k] = static_cast<scalar_t>(keyed[k]);
       for (int64_t i = 0; i < s; ++i) {
         for (int64_t j = 0; j < s; ++j) {
-          const float* r00 = keyed.data() + (1 + taps[2 * i] * g + taps[2 * j]) * N;
-          const float* r01 = keyed.data() + (1 + taps[2 * i] * g + taps[2 * j + 1]) * N;
-          const float* r10 = keyed.data() + (1 + taps[2 * i + 1] * g + taps[2 * j]) * N;
-          const float* r11 = keyed.data() + (1 + taps[2 * i + 1] * g + taps[2 * j + 1]) * N;
-          const float w00 = weights[2 * i] * weights[2 * j], w01 = weights[2 * i] * weights[2 * j + 1];
-          const float w10 = weights[2 * i + 1] * weights[2 * j], w11 = weights[2 * i + 1] * weights[2 * j + 1];
+          const acc_t* r00 = keyed.data() + (1 + taps[2 * i] * g + taps[2 * j]) * N;
+          const acc_t* r01 = keyed.data() + (1 + taps[2 * i] * g + taps[2 * j + 1]) * N;
+          const acc_t* r10 = keyed.data() + (1 + taps[2 * i + 1] * g + taps[2 * j]) * N;
+          const acc_t* r11 = keyed.data() + (1 + taps[2 * i + 1] * g + taps[2 * j + 1]) * N;
+          const acc_t w00 = acc_t(weights[2 * i]) * weights[2 * j], w01 = acc_t(weights[2 * i]) * weights[2 * j + 1];
+          const acc_t w10 = acc_t(weights[2 * i + 1]) * weights[2 * j], w11 = acc_t(weights[2 * i + 1]) * weights[2 * j + 1];
           scalar_t* dst = dst_map + (1 + i * s + j) * N;
           for (int64_t k = 0; k < N; ++k)
             dst[k] = static_cast<scalar_t>(w00 * r00[k] + w01 * r01[k] + w10 * r10[k] + w11 * r11[k]);
