@@ -13,8 +13,8 @@ output once. DeiT-S, batch 64, one downstream layer: 10×10 → 14×14 took 35 �
 - **Without it.** If it cannot be built, a warning says why, and the op computes the same
   numbers with the matmuls. Off the CPU the op always runs the matmuls (on a GPU they are the
   fast way), and so it does when `ADAPTIVE_VIT_CPU_KERNEL=0`.
-- **Training.** With autograd on, `RelationReuse` calls the matmuls directly (they have a
-  backward); the op is for inference only.
+- **Training.** `resize_relation` calls the matmuls directly when autograd records the relation
+  (they have a backward); the op is for inference only.
 
 FLOPs count what the kernel computes (`resize_relation_flops`): two multiply-adds per output
 along each axis, four per output row element along the 2-D query grid. An fvcore handle reports
@@ -89,12 +89,12 @@ def resize_taps(grid: int, size: int) -> tuple[Tensor, Tensor]:
     return taps, weights
 
 
-@torch.library.custom_op("adaptive_vit::resize_relation", mutates_args=())
 def resize_relation(relation: Tensor, grid: int, size: int) -> Tensor:
     """Resize attention-shaped maps of a `grid`² token grid (plus cls) to a `size`² one.
 
     Keys first, then queries (`reuse.resize_keys`, `reuse.resize_queries`), the cls row and
-    column only along the other axis.
+    column only along the other axis. The op when autograd does not record `relation`, else the
+    matmuls (they have a backward): the same numbers.
 
     Args:
         relation: (B, H, 1 + grid², 1 + grid²).
@@ -104,17 +104,29 @@ def resize_relation(relation: Tensor, grid: int, size: int) -> Tensor:
     Returns:
         (B, H, 1 + size², 1 + size²).
     """
+    if relation.requires_grad:
+        return _matmul_resize(relation, grid, size)
+    return _resize_relation_op(relation, grid, size)
+
+
+def _matmul_resize(relation: Tensor, grid: int, size: int) -> Tensor:
+    from adaptive_vit.methods.dvt.reuse import resize_keys, resize_queries
+
+    return resize_queries(resize_keys(relation, grid, size), grid, size)
+
+
+@torch.library.custom_op("adaptive_vit::resize_relation", mutates_args=())
+def _resize_relation_op(relation: Tensor, grid: int, size: int) -> Tensor:
+    """`resize_relation` as one op: the CPU kernel when it is built, else the matmuls."""
     kernel = cpu_kernel() if relation.device.type == "cpu" else None
     if kernel is None:
-        from adaptive_vit.methods.dvt.reuse import resize_keys, resize_queries
-
-        return resize_queries(resize_keys(relation, grid, size), grid, size)
+        return _matmul_resize(relation, grid, size)
     if relation.stride(-1) != 1 or relation.stride(-2) != relation.shape[-1]:
         relation = relation.contiguous()  # the kernel reads each map as one block
     return kernel.resize_relation(relation, *resize_taps(grid, size), grid, size)
 
 
-@resize_relation.register_fake
+@_resize_relation_op.register_fake
 def _(relation: Tensor, grid: int, size: int) -> Tensor:
     tokens = 1 + size * size
     return relation.new_empty(*relation.shape[:-2], tokens, tokens)

@@ -274,11 +274,7 @@ class RelationReuse(nn.Module):
         """
         relations = self.relate(logits)  # (B, HL, 1+Nu, 1+Nu)
         for relation in relations.split(self.num_heads, dim=1):
-            if torch.is_grad_enabled():  # the matmuls have a backward
-                relation = resize_keys(relation, self.upstream_grid, self.grid)  # (B, H, 1+Nu, 1+N)
-                yield resize_queries(relation, self.upstream_grid, self.grid)  # (B, H, 1+N, 1+N)
-            else:  # the same numbers; on CPU one compiled pass (`kernel.py`)
-                yield resize_relation(relation, self.upstream_grid, self.grid)
+            yield resize_relation(relation, self.upstream_grid, self.grid)  # (B, H, 1+N, 1+N)
 
     def relate(self, logits: Tensor) -> Tensor:
         """The shared MLP on every position: (B, H·L, n, n) → (B, H·L, n, n)."""
