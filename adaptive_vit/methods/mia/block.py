@@ -99,22 +99,26 @@ def sliced_block(block: nn.Module, x: Tensor, samples: Tensor, heads: Tensor, to
 
 def _group_update(block: nn.Module, x: Tensor, tokens: Tensor, active: tuple[int, ...], num_heads: int) -> Tensor:
     """Block output (g, T, D) of images sharing the active heads `active`."""
-    xs, index, valid = gather_tokens(x, tokens)
+    xs, rows, valid = gather_tokens(x, tokens)
     delta = _sliced_delta(block, xs, None if len(active) == num_heads else active, valid)
-    return add_at_tokens(x, delta, index, valid)
+    return add_at_tokens(x, delta, rows, valid)
 
 
 def gather_tokens(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The cls token and the kept patch tokens of each image, first, in order.
+
+    Rows are picked with `index_select` on `x` viewed as (g·T, D): on CPU at batch 1 that took
+    10-14 µs where `gather` with an expanded (g, t, D) index took 70 µs (DeiT-S, half the tokens).
 
     Args:
         x: (g, T, D).
         keep: (g, N) bool.
 
     Returns:
-        (g, t, D) gathered tokens with t = the largest kept count + 1; (g, T) permutation that
-        lists every image's kept tokens first (None if all are kept); (g, t) bool validity of
-        the gathered rows (None when every image keeps the same number).
+        (g, t, D) gathered tokens with t = the largest kept count + 1; (g·t,) their rows in `x`
+        viewed as (g·T, D) (None if all are kept); (g, t) bool validity of the gathered rows
+        (None when every image keeps the same number). An image that keeps fewer than t tokens
+        is padded with distinct dropped tokens of its own.
     """
     g, T, D = x.shape
     full = torch.cat([keep.new_ones(g, 1), keep], dim=1)  # (g, T)
@@ -122,22 +126,26 @@ def gather_tokens(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor | None, Tenso
     if bool((counts == T).all()):
         return x, None, None
     t = int(counts.max())
-    index = torch.argsort((~full).to(torch.uint8), dim=1, stable=True)  # kept first, in order
-    gathered = x.gather(1, index[:, :t, None].expand(-1, -1, D))
+    order = torch.argsort((~full).to(torch.uint8), dim=1, stable=True)[:, :t]  # kept first, in order
+    rows = (order + torch.arange(0, g * T, T, device=x.device)[:, None]).flatten()
+    gathered = x.reshape(g * T, D).index_select(0, rows).view(g, t, D)
     valid = None if bool((counts == t).all()) else torch.arange(t, device=x.device) < counts[:, None]
-    return gathered, index, valid
+    return gathered, rows, valid
 
 
-def add_at_tokens(x: Tensor, delta: Tensor, index: Tensor | None, valid: Tensor | None) -> Tensor:
+def add_at_tokens(x: Tensor, delta: Tensor, rows: Tensor | None, valid: Tensor | None) -> Tensor:
     """Inverse of `gather_tokens` for a residual update: `x` (g, T, D) with `delta` (g, t, D)
-    added at the gathered tokens' positions (one scatter-add; the other tokens keep their value).
+    added at the gathered tokens' rows (the other tokens keep their value).
 
-    Padding rows map to distinct dropped-token positions (the permutation's tail) and are zeroed."""
-    if index is None:
+    One `index_add` on (g·T, D) rows (40 µs on CPU at batch 1, DeiT-S, half the tokens, where
+    `scatter_add` with an expanded index took 126 µs). Padding rows are zeroed (they are distinct
+    dropped tokens, so nothing else lands on them)."""
+    if rows is None:
         return x + delta
     if valid is not None:
         delta = delta * valid[..., None]
-    return x.scatter_add(1, index[:, :delta.shape[1], None].expand(-1, -1, x.shape[2]), delta)
+    g, T, D = x.shape
+    return x.reshape(g * T, D).index_add(0, rows, delta.reshape(g * delta.shape[1], D)).view(g, T, D)
 
 
 def _take(weight: Tensor, dim: int, active: tuple[int, ...], width: int) -> Tensor:
