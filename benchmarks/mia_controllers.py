@@ -12,6 +12,11 @@ says how far the sliced blocks by themselves reach: a batch-1 target they miss c
 making the controllers cheaper. The blocks-alone forward (`MIAFormer.forward_blocks`) gives the
 same logits as the full one (tested).
 
+The first row also gets ``efficiency_at_flops_share``: the efficiency the pattern would have if
+its controllers took exactly their share of FLOPs in time, at the static model's FLOPs rate (the
+blocks-alone latency plus static latency × controller GFLOPs / static GFLOPs). It is what the
+cheapest possible controllers would reach on this machine.
+
     python benchmarks/mia_controllers.py                       # DeiT-S, batch 1, random weights
     python benchmarks/mia_controllers.py --batch_size 64 --repeats 5 --output mia_controllers.json
 """
@@ -57,8 +62,23 @@ def measure(net: MIAFormer, batch_size: int, repeats: int, warmup: int = 2) -> l
             runs[f"{label}, blocks alone"] = lambda d=decisions: net.forward_blocks(x, d)
             gflops[f"{label}, blocks alone"] = blocks_alone_gflops(net, decisions)
         turns = time_turns(runs, repeats, warmup)
-    return [benchmark_row(label, batch_size, turns[label], turns["static"], gflops[label], static_gflops)
+    rows = [benchmark_row(label, batch_size, turns[label], turns["static"], gflops[label], static_gflops)
             for label in runs]
+    by_mode = {r["mode"]: r for r in rows}
+    for row in rows:
+        alone = by_mode.get(f"{row['mode']}, blocks alone")
+        if alone is not None:
+            row["efficiency_at_flops_share"] = efficiency_at_flops_share(row, alone, by_mode["static"])
+    return rows
+
+
+def efficiency_at_flops_share(pattern: dict[str, Any], alone: dict[str, Any], static: dict[str, Any]) -> float:
+    """Efficiency of `pattern` (rows of `benchmark_row`) if its controllers ran at the static
+    model's FLOPs rate: the blocks-alone latency plus the controllers' FLOPs share of the static
+    latency."""
+    controllers_ms = static["latency_ms"] * (pattern["gflops"] - alone["gflops"]) / static["gflops"]
+    speedup = static["latency_ms"] / (alone["latency_ms"] + controllers_ms)
+    return speedup / pattern["flops_reduction"]
 
 
 def main() -> None:
@@ -75,9 +95,11 @@ def main() -> None:
         Path(args.output).write_text(json.dumps(rows, indent=2))
     print_table(
         f"MIA-Former ({args.backbone}), batch {args.batch_size}, {torch.get_num_threads()} threads",
-        ["mode", "latency ms", "GFLOPs", "FLOPs reduction", "speedup", "efficiency", "efficiency, turns"],
+        ["mode", "latency ms", "GFLOPs", "FLOPs reduction", "speedup", "efficiency", "efficiency, turns",
+         "efficiency, controllers at their FLOPs share"],
         [[r["mode"], f"{r['latency_ms']:.1f}", f"{r['gflops']:.3f}", f"{r['flops_reduction']:.2f}x",
-          f"{r['speedup']:.2f}x", f"{r['efficiency']:.2f}", "{:.2f}–{:.2f}".format(*r["efficiency_spread"])]
+          f"{r['speedup']:.2f}x", f"{r['efficiency']:.2f}", "{:.2f}–{:.2f}".format(*r["efficiency_spread"]),
+          f"{r['efficiency_at_flops_share']:.2f}" if "efficiency_at_flops_share" in r else ""]
          for r in rows],
     )
 

@@ -380,10 +380,16 @@ def test_cli_flops_json(run_cli, capsys):
     assert report["static_gflops"] < report["exits"][0]["cumulative_gflops"] <= 1.05 * report["static_gflops"]
 
 
-def test_controllers_benchmark_times_every_pattern_with_and_without_controllers():
+def controllers_script():
+    """`benchmarks/mia_controllers.py` as a module."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import mia_controllers
 
+    return mia_controllers
+
+
+def test_controllers_benchmark_times_every_pattern_with_and_without_controllers():
+    mia_controllers = controllers_script()
     net = tiny()
     rows = {r["mode"]: r for r in mia_controllers.measure(net, batch_size=2, repeats=1, warmup=0)}
     patterns = list(net.fixed_patterns(2))
@@ -395,6 +401,20 @@ def test_controllers_benchmark_times_every_pattern_with_and_without_controllers(
     for p in patterns:
         assert rows[f"{p}, blocks alone"]["gflops"] < rows[p]["gflops"]
         assert rows[p]["latency_ms"] > 0 and rows[p]["efficiency"] > 0
+        # controllers at their FLOPs share: a mix of the blocks' own efficiency and 1 (the static rate)
+        bound, alone = rows[p]["efficiency_at_flops_share"], rows[f"{p}, blocks alone"]["efficiency"]
+        assert min(alone, 1.0) - 1e-9 <= bound <= max(alone, 1.0) + 1e-9
+        assert "efficiency_at_flops_share" not in rows[f"{p}, blocks alone"]
+
+
+def test_efficiency_at_flops_share_on_constructed_rows():
+    mia_controllers = controllers_script()
+    # static: 100 ms for 4 GFLOPs; blocks alone 40 ms for 1.5 GFLOPs, controllers 0.5 GFLOPs →
+    # 12.5 ms at the static rate; the pattern (2 GFLOPs, 2x fewer) would take 52.5 ms: 1.905x
+    static = {"latency_ms": 100.0, "gflops": 4.0}
+    alone = {"latency_ms": 40.0, "gflops": 1.5}
+    pattern = {"latency_ms": 70.0, "gflops": 2.0, "flops_reduction": 2.0}
+    assert mia_controllers.efficiency_at_flops_share(pattern, alone, static) == pytest.approx(100 / 52.5 / 2)
 
 
 def test_cli_benchmark_fixed_patterns(run_cli, capsys):
