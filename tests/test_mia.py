@@ -451,3 +451,20 @@ def test_phase_switching_under_plain_ddp_is_refused_with_the_fix(strategy: str, 
     else:
         module.setup("fit")
         assert all(p.requires_grad for p in module.net.parameters())
+
+
+def test_sliced_path_runs_under_autocast_as_timm_does():
+    # test and validation under `--trainer.precision bf16-mixed` / `16-mixed` run the sliced path in
+    # autocast: the linears give half precision, the residual stream stays float32
+    net = tiny()
+    x = torch.randn(4, 3, 32, 32)
+    d = random_decisions(4, net)  # per-image head sets (several groups), tokens dropped unevenly
+    with torch.no_grad():
+        reference = net.forward_sliced(x, d).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = net.forward_sliced(x, d)
+            all_on = net.forward_sliced(x, net.fixed_decisions(4))
+            static = net.backbone(x)
+    torch.testing.assert_close(mixed.logits.float(), reference, atol=2e-2, rtol=2e-2)
+    # all on: the sliced blocks accumulate the stream as timm's blocks do, in the same dtypes
+    torch.testing.assert_close(all_on.logits, static, atol=1e-2, rtol=1e-2)

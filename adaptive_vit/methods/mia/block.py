@@ -158,6 +158,7 @@ def _take(weight: Tensor, dim: int, active: tuple[int, ...], width: int) -> Tens
 
 def _add_to_heads(out: Tensor, update: Tensor, active: tuple[int, ...], width: int) -> Tensor:
     """`out` with `update` added, in place, to the active heads' `width`-wide slices of its last axis."""
+    update = update.to(out.dtype)
     if _is_range(active):
         out.narrow(-1, active[0] * width, len(active) * width).add_(update)
         return out
@@ -219,6 +220,9 @@ def _sliced_delta(block: nn.Module, x: Tensor, active: tuple[int, ...] | None, v
             logits = logits + mask
         o = logits.softmax(-1) @ v
     a = F.linear(o.transpose(1, 2).reshape(g, t, k * E), w_proj, attn.proj.bias)  # writes all D
+    # the update in the residual stream's dtype, as timm adds each branch to it: under autocast
+    # the linears give half precision while the stream stays float32 (`add_at_tokens` needs one dtype)
+    a = a.to(x.dtype)
     y = block.norm2(x + a)
     if active is None:
         return a + mlp(y)
