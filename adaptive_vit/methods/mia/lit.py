@@ -262,7 +262,7 @@ class MIALitModule(AdaptiveLitModule):
     def compute_loss(self, output: MaskedOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logs = self._decision_logs(output)
         gflops = output.gflops.mean()
-        logs.update(mean_gflops=gflops.detach(), target_gflops=torch.tensor(self.hparams.target_gflops))
+        logs.update(mean_gflops=gflops.detach(), target_gflops=gflops.new_tensor(self.hparams.target_gflops))
         if self.phase == "1":
             loss = pretrain_loss(output)
             logs["pretrain_loss"] = loss.detach()
