@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
+from torchmetrics.aggregation import BaseAggregator
 from torchmetrics.classification import MulticlassAccuracy
 
 from adaptive_vit.methods.network import AdaptiveNetwork, AdaptiveOutput
@@ -172,7 +173,9 @@ class AdaptiveLitModule(LightningModule):
     # ------------------------------------------------------------------ steps
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        # in the module's dtype: callbacks (the robustness attacks) pass float32 images, which a
+        # `bf16-true` / `16-true` module cannot take (Lightning converts only its steps' inputs)
+        return self.net(x.to(self.dtype))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Any]:
         x, target = batch
@@ -225,9 +228,19 @@ class AdaptiveLitModule(LightningModule):
     def on_validation_start(self) -> None:
         # While fitting, the calibration callback names the budget once it has calibrated one.
         self.select_thresholds(strict=self.trainer.state.fn != "fit")
+        self._aggregate_in_float32()
 
     def on_test_start(self) -> None:
         self.select_thresholds()
+        self._aggregate_in_float32()
+
+    def _aggregate_in_float32(self) -> None:
+        """Keep the mean GFLOPs and the exit counts in float32. `precision: bf16-true` / `16-true`
+        convert the whole module with `.to(dtype)`, metric states included (torchmetrics guards
+        only `.half()`-style calls), and a bfloat16 sum stops growing by one at 256."""
+        for metric in self.eval_metrics.modules():
+            if isinstance(metric, BaseAggregator):
+                metric.set_dtype(torch.float32)
 
     def on_predict_start(self) -> None:
         self.select_thresholds()

@@ -139,7 +139,7 @@ class StaticViT(AdaptiveNetwork):
 
     def forward_adaptive(self, x: Tensor, thresholds: Sequence[float] = ()) -> AdaptiveOutput:
         logits = self.backbone(x)
-        cost = torch.full((x.shape[0],), self.exit_gflops()[0], device=x.device)
+        cost = torch.full((x.shape[0],), self.exit_gflops()[0], dtype=torch.float32, device=x.device)
         return AdaptiveOutput(logits, torch.zeros(x.shape[0], dtype=torch.long, device=x.device), cost)
 
     def exit_gflops(self) -> list[float]:

@@ -233,7 +233,7 @@ class CFViT(AdaptiveNetwork):
             fine = self.fine_stage(x[rows], coarse.index(rows))
             logits[rows] = fine.to(logits.dtype)
         exit_index = go_on.long()
-        costs = torch.tensor(self.exit_gflops(), device=x.device)
+        costs = torch.tensor(self.exit_gflops(), dtype=torch.float32, device=x.device)
         return AdaptiveOutput(logits, exit_index, costs[exit_index])
 
     def decision_maps(self, x: Tensor) -> dict[str, Tensor]:

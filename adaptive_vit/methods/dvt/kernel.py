@@ -76,7 +76,7 @@ def resize_taps(grid: int, size: int) -> tuple[Tensor, Tensor]:
 
     matrix = resize_matrix(grid, size)  # (grid, size)
     taps = torch.zeros(size, 2, dtype=torch.long)
-    weights = torch.zeros(size, 2)
+    weights = torch.zeros(size, 2, dtype=torch.float32)
     for i in range(size):
         inputs = matrix[:, i].nonzero()[:, 0].tolist()
         if len(inputs) > 2:

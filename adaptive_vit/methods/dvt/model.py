@@ -245,7 +245,7 @@ class DVT(AdaptiveNetwork):
                 break
             if not keep.all():  # (indexing copies: 188 MB of DeiT-S logits at batch 64)
                 running, x, handoff = running[keep], x[keep], handoff.select(keep)
-        gflops = torch.tensor(costs, device=x.device)[exit_index]
+        gflops = torch.tensor(costs, dtype=torch.float32, device=x.device)[exit_index]
         return AdaptiveOutput(answers, exit_index, gflops)
 
     # ------------------------------------------------------------------ costs and baseline

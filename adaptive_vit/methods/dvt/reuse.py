@@ -42,7 +42,7 @@ def resize_matrix(grid: int, size: int, like: Tensor | None = None) -> Tensor:
         size: output length.
         like: a tensor whose device and dtype M takes (default: CPU float32).
     """
-    unit = torch.eye(grid, device=None if like is None else like.device)[:, None]  # (g, 1, g)
+    unit = torch.eye(grid, dtype=torch.float32, device=None if like is None else like.device)[:, None]  # (g, 1, g)
     matrix = F.adaptive_avg_pool1d(F.interpolate(unit, scale_factor=2, mode="nearest"), size)[:, 0]
     return matrix if like is None else matrix.to(like.dtype)
 

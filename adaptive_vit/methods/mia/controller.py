@@ -122,7 +122,7 @@ def tap_sum_matrix(size: tuple[int, int]) -> Tensor:
     """(P, 9·P) 0/1 matrix S, P = h·w: S[q, p·9 + o] = 1 when input position p is tap o of output
     position q for a 3×3 kernel with zero padding 1 (row-major positions and taps)."""
     h, w = size
-    matrix = torch.zeros(h * w, h * w * 9)
+    matrix = torch.zeros(h * w, h * w * 9, dtype=torch.float32)
     for i, j, kh, kw in itertools.product(range(h), range(w), range(3), range(3)):
         row, col = i + kh - 1, j + kw - 1
         if 0 <= row < h and 0 <= col < w:
@@ -249,7 +249,7 @@ def pool_matrix(grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
     """(size², N) matrix M with M @ tokens = adaptive average pooling of the (rows, cols) token
     map to `size` (row-major on both sides)."""
     n = grid[0] * grid[1]
-    return F.adaptive_avg_pool2d(torch.eye(n).view(n, 1, *grid), size).view(n, -1).T.contiguous()
+    return F.adaptive_avg_pool2d(torch.eye(n, dtype=torch.float32).view(n, 1, *grid), size).view(n, -1).T.contiguous()
 
 
 def decide(logits: Tensor, mode: str, tau: float = 1.0) -> Tensor:

@@ -161,8 +161,8 @@ class MIAFormer(AdaptiveNetwork):
         x = self._embed(x)
         B, L = x.shape[0], self.dims["depth"]
         H, N = self.dims["num_heads"], self.dims["num_patches"]
-        executed = torch.zeros(B, L, device=x.device)
-        heads, tokens = torch.zeros(B, L, device=x.device), torch.zeros(B, L, device=x.device)
+        executed = torch.zeros(B, L, dtype=torch.float32, device=x.device)  # float32 under `bf16-true` too
+        heads, tokens = torch.zeros_like(executed), torch.zeros_like(executed)
         for l, (controller, block) in enumerate(zip(self.controllers, self.backbone.blocks)):
             b, samples, h, n = self._decide_sliced(controller, x, l, override)
             x = sliced_block(block, x, samples, h, n)
