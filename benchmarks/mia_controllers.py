@@ -17,6 +17,11 @@ its controllers took exactly their share of FLOPs in time, at the static model's
 blocks-alone latency plus static latency × controller GFLOPs / static GFLOPs). It is what the
 cheapest possible controllers would reach on this machine.
 
+Last, ``dense L… D… H… M…`` rows (depth, width, heads, MLP hidden) time smaller static ViTs
+built like the backbone (`dense_references`: fewer blocks, a narrower MLP, half the width and
+heads): what a plain model with fewer FLOPs reaches on this machine at this batch size, with
+nothing sliced and no controller.
+
     python benchmarks/mia_controllers.py                       # DeiT-S, batch 1, random weights
     python benchmarks/mia_controllers.py --batch_size 64 --repeats 5 --output mia_controllers.json
 """
@@ -31,10 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from adaptive_vit.backbones import vit_dims  # noqa: E402
+from adaptive_vit.flops import vit_flops  # noqa: E402
 from adaptive_vit.methods.mia.model import Decisions, MIAFormer  # noqa: E402
 from adaptive_vit.runtime import keep_freed_memory  # noqa: E402
 from adaptive_vit.trainer import benchmark_row, print_table, time_turns  # noqa: E402
@@ -61,6 +70,9 @@ def measure(net: MIAFormer, batch_size: int, repeats: int, warmup: int = 2) -> l
             gflops[label] = float(runs[label]().gflops.mean())
             runs[f"{label}, blocks alone"] = lambda d=decisions: net.forward_blocks(x, d)
             gflops[f"{label}, blocks alone"] = blocks_alone_gflops(net, decisions)
+        for label, dense in dense_references(net).items():
+            runs[label] = lambda m=dense: m(x)
+            gflops[label] = vit_flops(**vit_dims(dense)) / 1e9
         turns = time_turns(runs, repeats, warmup)
     rows = [benchmark_row(label, batch_size, turns[label], turns["static"], gflops[label], static_gflops)
             for label in runs]
@@ -70,6 +82,29 @@ def measure(net: MIAFormer, batch_size: int, repeats: int, warmup: int = 2) -> l
         if alone is not None:
             row["efficiency_at_flops_share"] = efficiency_at_flops_share(row, alone, by_mode["static"])
     return rows
+
+
+def dense_references(net: MIAFormer) -> dict[str, nn.Module]:
+    """Smaller static timm ViTs shaped like `net`'s backbone (same patches, classes, cls token),
+    random weights, by label: 3/4 and 1/2 of its blocks, half its MLP width, half its width and
+    heads (DeiT-S → DeiT-Ti's shape). A variant that equals another (a tiny backbone) is listed once."""
+    d = net.dims
+    img = net.input_size()[1:]
+    base = dict(img_size=img, patch_size=d["patch_size"], in_chans=d["in_chans"], num_classes=d["num_classes"],
+                embed_dim=d["dim"], depth=d["depth"], num_heads=d["num_heads"], mlp_ratio=d["mlp_hidden"] / d["dim"])
+    variants = [
+        dict(depth=max(1, 3 * d["depth"] // 4)),
+        dict(depth=max(1, d["depth"] // 2)),
+        dict(mlp_ratio=base["mlp_ratio"] / 2),
+        dict(embed_dim=d["dim"] // 2, num_heads=max(1, d["num_heads"] // 2)),
+    ]
+    models = {}
+    for change in variants:
+        kwargs = {**base, **change}
+        label = "dense L{depth} D{embed_dim} H{num_heads} M{mlp}".format(
+            **kwargs, mlp=int(kwargs["embed_dim"] * kwargs["mlp_ratio"]))  # depth, width, heads, MLP hidden
+        models.setdefault(label, VisionTransformer(**kwargs).eval())
+    return models
 
 
 def efficiency_at_flops_share(pattern: dict[str, Any], alone: dict[str, Any], static: dict[str, Any]) -> float:

@@ -393,7 +393,14 @@ def test_controllers_benchmark_times_every_pattern_with_and_without_controllers(
     net = tiny()
     rows = {r["mode"]: r for r in mia_controllers.measure(net, batch_size=2, repeats=1, warmup=0)}
     patterns = list(net.fixed_patterns(2))
-    assert list(rows) == ["static"] + [m for p in patterns for m in (p, f"{p}, blocks alone")]
+    dense = [m for m in rows if m.startswith("dense ")]
+    assert list(rows) == ["static"] + [m for p in patterns for m in (p, f"{p}, blocks alone")] + dense
+    # TINY (depth 4, width 64, 4 heads, MLP 256): depth 3, depth 2, MLP 128, width 32 with 2 heads
+    assert dense == ["dense L3 D64 H4 M256", "dense L2 D64 H4 M256", "dense L4 D64 H4 M128", "dense L4 D32 H2 M128"]
+    for label, model in mia_controllers.dense_references(net).items():
+        # the row's GFLOPs are fvcore's count of the model it timed, fewer than the backbone's
+        assert rows[label]["gflops"] == pytest.approx(fvcore_gflops(model, torch.randn(1, 3, 32, 32)))
+        assert rows[label]["gflops"] < net.static_gflops()
     controllers = net.cost.total() / 1e9 - net.static_gflops()
     # all on: with the controllers every one of them is counted, without them the plain backbone
     assert rows["all on"]["gflops"] == pytest.approx(net.static_gflops() + controllers)
