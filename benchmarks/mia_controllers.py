@@ -22,6 +22,12 @@ built like the backbone (`dense_references`: fewer blocks, a narrower MLP, half 
 heads): what a plain model with fewer FLOPs reaches on this machine at this batch size, with
 nothing sliced and no controller.
 
+A second table times one controller alone (`controller_in_context`): its decisions with every
+branch run, right after itself (warm caches), right after one backbone block, and after a write
+over a buffer larger than the backbone's weights (cold caches), next to its time per block inside
+the model (all on with controllers minus blocks alone, over the depth). It shows how much of a
+controller's time is its weights and code coming back from memory after the backbone evicted them.
+
     python benchmarks/mia_controllers.py                       # DeiT-S, batch 1, random weights
     python benchmarks/mia_controllers.py --batch_size 64 --repeats 5 --output mia_controllers.json
 """
@@ -31,7 +37,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +125,38 @@ def efficiency_at_flops_share(pattern: dict[str, Any], alone: dict[str, Any], st
     return speedup / pattern["flops_reduction"]
 
 
+def controller_in_context(net: MIAFormer, batch_size: int, repeats: int, flush_mb: int = 128) -> dict[str, float]:
+    """Median ms of one controller's decisions (the middle block's, every branch run:
+    `MIAFormer._decide_sliced` under the all-on pattern) on a random block input, timed right
+    after itself, right after its block, and after an add over `flush_mb` MB (read and written)."""
+    net = net.eval()
+    layer = net.dims["depth"] // 2
+    controller, block = net.controllers[layer], net.backbone.blocks[layer]
+    x = torch.randn(batch_size, 1 + net.dims["num_patches"], net.dims["dim"])
+    everything = net.fixed_patterns(batch_size)["all on"]
+    flush = torch.zeros(flush_mb * 2**20 // 4)
+
+    def decide() -> Any:
+        return net._decide_sliced(controller, x, layer, everything)
+
+    with torch.inference_mode():
+        return time_after({"warm (right after itself)": decide, "right after one block": lambda: block(x),
+                           f"after an add over {flush_mb} MB": lambda: flush.add_(1.0)}, decide, repeats)
+
+
+def time_after(contexts: dict[str, Callable[[], Any]], run: Callable[[], Any], repeats: int) -> dict[str, float]:
+    """Median ms of `run` right after each context's untimed `before` call, in turns (before 1,
+    run, before 2, run, ..., `repeats` times) so that load changes hit every context alike."""
+    times: dict[str, list[float]] = {label: [] for label in contexts}
+    for _ in range(max(1, repeats)):
+        for label, before in contexts.items():
+            before()
+            start = time.perf_counter()
+            run()
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) * 1e3 for label, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="deit_small_patch16_224", help="timm ViT name")
@@ -125,7 +166,8 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()  # as the CLI does: no page faults on every fresh activation
     torch.manual_seed(0)
-    rows = measure(MIAFormer.from_name(args.backbone), args.batch_size, args.repeats)
+    net = MIAFormer.from_name(args.backbone)
+    rows = measure(net, args.batch_size, args.repeats)
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=2))
     print_table(
@@ -137,6 +179,11 @@ def main() -> None:
           f"{r['efficiency_at_flops_share']:.2f}" if "efficiency_at_flops_share" in r else ""]
          for r in rows],
     )
+    by_mode = {r["mode"]: r for r in rows}
+    in_model = (by_mode["all on"]["latency_ms"] - by_mode["all on, blocks alone"]["latency_ms"]) / net.dims["depth"]
+    alone = controller_in_context(net, args.batch_size, args.repeats)
+    print_table(f"one controller, batch {args.batch_size}", ["context", "ms"],
+                [[label, f"{ms:.3f}"] for label, ms in {**alone, "inside the model (per block)": in_model}.items()])
 
 
 if __name__ == "__main__":

@@ -424,6 +424,34 @@ def test_efficiency_at_flops_share_on_constructed_rows():
     assert mia_controllers.efficiency_at_flops_share(pattern, alone, static) == pytest.approx(100 / 52.5 / 2)
 
 
+def test_time_after_times_only_the_run_right_after_each_context():
+    mia_controllers = controllers_script()
+    log = []
+    contexts = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
+    times = mia_controllers.time_after(contexts, lambda: log.append("run"), repeats=3)
+    assert log == ["a", "run", "b", "run"] * 3  # in turns, the run right after each context
+    assert list(times) == ["a", "b"] and all(ms >= 0 for ms in times.values())
+
+
+def test_controller_in_context_times_the_middle_controller(monkeypatch):
+    mia_controllers = controllers_script()
+    net = tiny()
+    layers, decide = [], net._decide_sliced
+
+    def recorded(controller, x, layer, override):
+        layers.append((controller, layer, tuple(x.shape)))
+        return decide(controller, x, layer, override)
+
+    monkeypatch.setattr(net, "_decide_sliced", recorded)
+    times = mia_controllers.controller_in_context(net, batch_size=2, repeats=2, flush_mb=1)
+    assert list(times) == ["warm (right after itself)", "right after one block", "after an add over 1 MB"]
+    assert all(ms > 0 for ms in times.values())
+    # the middle block's controller on a (B, 1 + N, D) block input, every context timed twice
+    # (the warm context's own call included)
+    assert {(c, l, s) for c, l, s in layers} == {(net.controllers[2], 2, (2, 65, 64))}
+    assert len(layers) == 2 * 4
+
+
 def test_cli_benchmark_fixed_patterns(run_cli, capsys):
     run_cli("benchmark", "--config", str(REPO / "configs/demo/mia.yaml"), "--batch_sizes", "[1, 3]",
             "--repeats", "1", "--warmup", "0", "--format", "json")
