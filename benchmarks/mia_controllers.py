@@ -23,8 +23,8 @@ heads): what a plain model with fewer FLOPs reaches on this machine at this batc
 nothing sliced and no controller.
 
 A second table times one controller alone (`controller_in_context`): its decisions with every
-branch run, right after itself (warm caches), right after one backbone block, and after a write
-over a buffer larger than the backbone's weights (cold caches), next to its time per block inside
+branch run, right after itself (warm caches), right after one backbone block, and after an add
+over 128 MB, more than DeiT-S's 84 MB of weights (cold caches), next to its time per block inside
 the model (all on with controllers minus blocks alone, over the depth). It shows how much of a
 controller's time is its weights and code coming back from memory after the backbone evicted them.
 
