@@ -17,7 +17,8 @@ from lightning.pytorch import LightningDataModule, Trainer
 
 from adaptive_vit.backbones import set_fused_attn
 from adaptive_vit.flops import count_params
-from adaptive_vit.methods.base import AdaptiveLitModule, load_checkpoint_file
+from adaptive_vit.checkpoints import load_run_checkpoint
+from adaptive_vit.methods.base import AdaptiveLitModule
 
 
 class AdaptiveTrainer(Trainer):
@@ -95,9 +96,7 @@ class AdaptiveTrainer(Trainer):
             output: also write the rows as JSON to this file.
         """
         if ckpt_path:
-            checkpoint = load_checkpoint_file(ckpt_path)
-            model.on_load_checkpoint(checkpoint)
-            model.load_state_dict(checkpoint["state_dict"])
+            load_run_checkpoint(model, ckpt_path)
         device = self.strategy.root_device
         net = model.net.to(device).eval()
         static = net.static_baseline().to(device).eval()

@@ -64,7 +64,7 @@ Batches = list[tuple[Tensor, Tensor]]
 
 def operating_points(run: DemoRun) -> list[tuple[str | None, str]]:
     """(budget name, kind) to evaluate: every calibrated budget, or the model's single point."""
-    calibrations = run.test.model.calibrations
+    calibrations = run.test.model.exit_policy.calibrations
     if not calibrations:
         return [(None, "static" if run.name == "static" else "operating point")]
     return [(name, calibration["kind"]) for name, calibration in calibrations.items()]
@@ -84,7 +84,7 @@ def test_at(run: DemoRun, budget: str | None, attack: bool = True) -> tuple[dict
     model, trainer = run.test.model, run.test.trainer
     if budget is None or budget == selected_budget(run):
         return run.metrics, 0.0
-    model.hparams.budget = budget  # `on_test_start` selects its thresholds
+    model.exit_policy.budget = budget  # `on_test_start` selects its thresholds
     robustness = [cb for cb in trainer.callbacks if isinstance(cb, RobustnessEvaluation)]
     saved = [cb.on_test for cb in robustness]
     for cb in robustness:
@@ -101,8 +101,8 @@ def test_at(run: DemoRun, budget: str | None, attack: bool = True) -> tuple[dict
 def selected_budget(run: DemoRun) -> str | None:
     """The budget the run's own `test` used (the model's `budget`, else the callback's `select`)."""
     model = run.test.model
-    if model.hparams.get("budget"):
-        return model.hparams.budget
+    if model.exit_policy.budget:
+        return model.exit_policy.budget
     return next((cb.select for cb in run.test.trainer.callbacks if hasattr(cb, "select")), None)
 
 
@@ -189,8 +189,8 @@ def method_rows(run: DemoRun, static: DemoRun, repeats: int,
     rows, timed, kept = [], {"static": passes(static_net, batches, [])}, {}
     for budget, kind in operating_points(run):
         metrics, seconds = test_at(run, budget, attack=robust_curve or kind != "curve")
-        model.hparams.budget = budget
-        model.select_thresholds()
+        model.exit_policy.budget = budget
+        model.exit_policy.apply()
         thresholds = net.exit_thresholds.tolist()
         measured = evaluate(net, batches, thresholds)
         if abs(measured["top1"] - metrics["test/top1"]) > 1e-6:
@@ -199,7 +199,7 @@ def method_rows(run: DemoRun, static: DemoRun, repeats: int,
         kept = kept or measured["kept"]
         point = budget or kind
         timed[point] = passes(net, batches, thresholds)
-        calibration = model.calibrations.get(budget, {})
+        calibration = model.exit_policy.calibrations.get(budget, {})
         rows.append({
             "method": run.name, "budget": point, "kind": kind,
             "test_top1": metrics["test/top1"], "gflops": metrics["test/gflops"],

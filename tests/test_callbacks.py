@@ -144,7 +144,7 @@ def test_calibration_solves_stores_selects_and_writes(tmp_path, data_root, train
     assert len(confidences) == 21
     expected = budget_curve(confidences, correct, [1.0, 3.0], budgets=[1.8, 1.5])
     match = solve_accuracy(confidences, correct, [1.0, 3.0], correct[:, 1].sum().item() / 21)
-    cal = model.calibrations
+    cal = model.exit_policy.calibrations
     assert set(cal) == {"gflops_1.8", "fraction_0.5", "match_accuracy", *(f"curve_{i:02d}" for i in range(5))}
     for name, result in [("gflops_1.8", expected[0]), ("fraction_0.5", expected[1]), ("match_accuracy", match)]:
         assert cal[name]["thresholds"] == pytest.approx(result.thresholds)
@@ -175,8 +175,8 @@ def test_calibration_curve_starts_exactly_at_the_first_exit_cost(tmp_path, data_
     monkeypatch.setattr(TinyExits, "costs", (0.7, 2.1))  # 0.7 rounds down in float32
     model = tiny_model()
     trainer(tmp_path, [ThresholdCalibration(curve_points=3, plot=False)]).validate(model, datamodule(data_root))
-    assert model.calibrations["curve_00"]["target"] == 0.7
-    assert model.calibrations["curve_00"]["gflops"] == pytest.approx(0.7)
+    assert model.exit_policy.calibrations["curve_00"]["target"] == 0.7
+    assert model.exit_policy.calibrations["curve_00"]["gflops"] == pytest.approx(0.7)
 
 
 def test_calibration_rejects_a_budget_it_does_not_calibrate(tmp_path, data_root):
@@ -202,7 +202,7 @@ def test_checkpoint_round_trip_and_test_uses_the_chosen_budget(tmp_path, data_ro
     ckpt = tmp_path / "run" / "version_0" / "checkpoints" / "epoch=2-step=9.ckpt"
     assert ckpt.is_file()
     saved = torch.load(ckpt, weights_only=True)["adaptive_vit"]["calibrations"]
-    assert saved == model.calibrations
+    assert saved == model.exit_policy.calibrations
     # default selection (the first budget) is in the checkpoint's thresholds buffer
     assert torch.load(ckpt, weights_only=True)["state_dict"]["net.exit_thresholds"].tolist() == pytest.approx(
         saved["fraction_0.6"]["thresholds"])
@@ -213,7 +213,7 @@ def test_checkpoint_round_trip_and_test_uses_the_chosen_budget(tmp_path, data_ro
         test = trainer(tmp_path / budget, [calibration, FlopsBudgetTracker()])
         metrics = test.test(fresh, datamodule(data_root), ckpt_path=str(ckpt))[0]
         thresholds = saved[budget]["thresholds"]
-        assert fresh.calibrations == saved
+        assert fresh.exit_policy.calibrations == saved
         assert fresh.net.exit_thresholds.tolist() == pytest.approx(thresholds)
         expected = evaluate_thresholds(confidences, correct, [1.0, 3.0], thresholds)
         assert metrics["test/gflops"] == pytest.approx(expected.gflops, rel=1e-5)
@@ -243,7 +243,7 @@ def test_calibration_skips_single_exit_models(tmp_path, data_root):
     model = StaticViTLitModule(backbone="vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=3,
                                vit_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2})
     trainer(tmp_path, [ThresholdCalibration(budget_fractions=[0.5])]).validate(model, datamodule(data_root))
-    assert model.calibrations == {}
+    assert model.exit_policy.calibrations == {}
     assert not (tmp_path / "run" / "version_0" / "thresholds.json").exists()
 
 

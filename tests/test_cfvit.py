@@ -444,6 +444,6 @@ def test_authors_checkpoint_validate_calibrates_then_test(run_cli, tmp_path: Pat
     calibrated = Path("runs/demo_cfvit/version_0/calibrated.ckpt")
     assert calibrated.is_file()
     cli = run_cli("test", *common, "--ckpt_path", str(calibrated))
-    assert "fraction_0.6" in cli.model.calibrations
-    assert cli.model.net.exit_thresholds.tolist() == pytest.approx(cli.model.calibrations["fraction_0.6"]["thresholds"])
+    assert "fraction_0.6" in cli.model.exit_policy.calibrations
+    assert cli.model.net.exit_thresholds.tolist() == pytest.approx(cli.model.exit_policy.calibrations["fraction_0.6"]["thresholds"])
     assert net.exit_gflops()[0] <= float(cli.trainer.callback_metrics["test/gflops"]) <= net.exit_gflops()[1]

@@ -113,7 +113,7 @@ def test_resume_matches_uninterrupted(run_cli, tmp_path: Path, method: str, extr
     resumed = run_cli("fit", *args, "--ckpt_path", "last")
     assert_same_run(expected, resumed)
     if method != "static":  # calibrated thresholds travel with the model
-        assert resumed.model.calibrations and torch.equal(
+        assert resumed.model.exit_policy.calibrations and torch.equal(
             resumed.model.net.exit_thresholds, expected[0]["net.exit_thresholds"])
     # one run folder: the interrupted runs' logs kept, the resumed run's appended
     assert tmp_path / resumed.trainer.log_dir == run and not (run.parent / "version_2").exists()

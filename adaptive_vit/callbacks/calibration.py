@@ -4,7 +4,7 @@ At the end of each validation epoch (while fitting, and on `adaptive-vit validat
 from every DDP rank, each validation image's per-exit confidence and correctness (the step
 outputs of `AdaptiveLitModule`), drops the copies the distributed sampler padded, and solves
 (`adaptive_vit.budget`) the thresholds of the most accurate early exit within each configured
-budget. The results go into `pl_module.calibrations`, which travels in every checkpoint saved
+budget. The results go into the module's `exit_policy`, which travels in every checkpoint saved
 afterwards, and one of them (the `select`ed budget, or the model's `budget` hparam) becomes the
 network's thresholds. The run's log folder gets `thresholds.json`, `budget_curve.csv` and
 `budget_curve.png` (accuracy against mean GFLOPs).
@@ -101,7 +101,7 @@ class ThresholdCalibration(Callback):
         if net.num_exits == 1:
             rank_zero_info(f"ThresholdCalibration: {type(net).__name__} has a single exit, nothing to calibrate.")
             return
-        budget = pl_module.hparams.get("budget")
+        budget = pl_module.exit_policy.budget
         names = [*self.targets, *(f"curve_{i:02d}" for i in range(self.curve_points))]
         if stage in self.stages and budget and budget not in names:
             raise ValueError(
@@ -170,12 +170,11 @@ class ThresholdCalibration(Callback):
         for i, gflops in enumerate(curve_budgets):
             results[f"curve_{i:02d}"] = ("curve", gflops, next(solved))
 
-        pl_module.calibrations = {
+        pl_module.exit_policy.calibrated({
             name: {**result.to_dict(), "kind": kind, "target": value, "exit_gflops": list(exit_gflops),
                    "num_images": len(confidences)}
             for name, (kind, value, result) in results.items()
-        }
-        pl_module.select_thresholds(default_budget=self.select)
+        }, default_budget=self.select)
         for name, (kind, _, result) in results.items():
             if kind != "curve":
                 pl_module.log(f"val/budget/{name}/top1", result.accuracy, sync_dist=True)
@@ -198,13 +197,13 @@ class ThresholdCalibration(Callback):
 
     def _write_json(self, path: str, pl_module: LightningModule) -> None:
         net = pl_module.net
-        calibrations = pl_module.calibrations
+        calibrations = pl_module.exit_policy.calibrations
         report = {
             "model": type(net).__name__,
             "exit_names": list(net.exit_names),
             "exit_gflops": net.exit_gflops(),
             "static_gflops": net.static_gflops(),
-            "selected": pl_module.hparams.budget or self.select,
+            "selected": pl_module.exit_policy.selected,
             "thresholds_in_use": net.exit_thresholds.tolist(),
             "note": "null threshold: no image answers at that exit",
             "budgets": {n: c for n, c in calibrations.items() if c["kind"] != "curve"},
@@ -219,7 +218,7 @@ class ThresholdCalibration(Callback):
         if self._collector is None:
             return
         samples, self._collector = self._collector.gather(pl_module), None
-        if not pl_module.calibrations:
+        if not pl_module.exit_policy.calibrations:
             rank_zero_warn(
                 "ThresholdCalibration: this model has no calibrated budgets, so no test budget curve. "
                 "Calibrate during `fit` or with `adaptive-vit validate --ckpt_path ...`."
@@ -229,7 +228,7 @@ class ThresholdCalibration(Callback):
         exit_gflops = net.exit_gflops()
         confidences, correct = samples["confidences"].cpu(), samples["correct"].cpu()
         rows = []
-        for name, calibration in pl_module.calibrations.items():
+        for name, calibration in pl_module.exit_policy.calibrations.items():
             result = evaluate_thresholds(confidences, correct, exit_gflops, calibration["thresholds"])
             row = _row(name, calibration["kind"], calibration["target"], result)
             row.update({"val_accuracy": calibration["accuracy"], "val_gflops": calibration["gflops"]})

@@ -17,21 +17,20 @@ all the callbacks (calibration, FLOPs budget, robustness) read.
 from __future__ import annotations
 
 import math
-import os
-import random
-from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.aggregation import BaseAggregator
 from torchmetrics.classification import MulticlassAccuracy
 
+from adaptive_vit.callbacks.resume import ExactResume
+from adaptive_vit.checkpoints import load_init_weights, restore_saved_state
 from adaptive_vit.methods.network import AdaptiveNetwork, AdaptiveOutput
+from adaptive_vit.methods.thresholds import ExitPolicy
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
 
@@ -70,17 +69,10 @@ class AdaptiveLitModule(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net: AdaptiveNetwork = self.configure_network()
-        # calibrated thresholds per budget name: {"name": {"thresholds": [...], "gflops": ...}}
-        self.calibrations: dict[str, dict[str, Any]] = {}
-        # RNG states at the start of the current training batch, and those to restore when a fit
-        # resumes: see `on_save_checkpoint`
-        self._batch_rng: dict[str, Any] | None = None
-        self._rng_to_restore: dict[str, Any] | None = None
+        self.exit_policy = ExitPolicy(self.net, thresholds, budget)
         self.configure_metrics()
         if init_from:
-            self.load_init_weights(init_from)
-        if thresholds is not None:
-            self.net.set_thresholds(thresholds)
+            load_init_weights(self, init_from)
 
     # ------------------------------------------------------------------ hooks for methods
 
@@ -98,6 +90,14 @@ class AdaptiveLitModule(LightningModule):
     def convert_foreign_checkpoint(self, checkpoint: dict[str, Any]) -> dict[str, Tensor] | None:
         """Recognise another code base's checkpoint and return this network's state_dict."""
         return None
+
+    def accepts_checkpoint_of(self, method: str) -> bool:
+        """Whether `init_from` may take another method's checkpoint (MIA-Former takes a static one)."""
+        return False
+
+    def may_be_missing(self, key: str) -> bool:
+        """Keys a method builds fresh when starting from another stage (e.g. a new controller)."""
+        return False
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser groups before the weight-decay split; methods may set their own `lr`."""
@@ -227,11 +227,11 @@ class AdaptiveLitModule(LightningModule):
 
     def on_validation_start(self) -> None:
         # While fitting, the calibration callback names the budget once it has calibrated one.
-        self.select_thresholds(strict=self.trainer.state.fn != "fit")
+        self.exit_policy.apply(strict=self.trainer.state.fn != "fit")
         self._aggregate_in_float32()
 
     def on_test_start(self) -> None:
-        self.select_thresholds()
+        self.exit_policy.apply()
         self._aggregate_in_float32()
 
     def _aggregate_in_float32(self) -> None:
@@ -243,35 +243,7 @@ class AdaptiveLitModule(LightningModule):
                 metric.set_dtype(torch.float32)
 
     def on_predict_start(self) -> None:
-        self.select_thresholds()
-
-    def select_thresholds(self, default_budget: str | None = None, strict: bool = True) -> None:
-        """Set the network's exit thresholds, in this order of precedence: given by hand
-        (`thresholds`), the calibrated budget named by `budget`, then `default_budget`; with none
-        of them the current ones (e.g. the checkpoint's) stay.
-
-        Called at the start of validation, test and predict (after a checkpoint has been loaded,
-        whose thresholds would otherwise replace the ones given by hand) and by the calibration
-        callback.
-
-        Args:
-            default_budget: the calibrated budget to use when `budget` is not set.
-            strict: raise if the budget to use is not calibrated (else keep the thresholds).
-        """
-        if self.hparams.thresholds is not None:
-            self.net.set_thresholds(self.hparams.thresholds)
-            return
-        name = self.hparams.budget or default_budget
-        if name is None:
-            return
-        if name in self.calibrations:
-            self.net.set_thresholds(self.calibrations[name]["thresholds"])
-        elif strict:
-            raise ValueError(
-                f"budget {name!r} is not calibrated in this model; calibrated budgets: "
-                f"{sorted(self.calibrations) or 'none'}. Pick one of them, or calibrate it with the "
-                "ThresholdCalibration callback (during `fit`, or `validate --ckpt_path ...`)."
-            )
+        self.exit_policy.apply()
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -294,159 +266,15 @@ class AdaptiveLitModule(LightningModule):
             metrics["exits"][k].reset()
             metrics["exit_counts"][k].reset()
 
-    # ------------------------------------------------------------------ weights and state
+    # ------------------------------------------------------------------ checkpoints
 
-    def load_init_weights(self, path: str) -> None:
-        """Load `init_from`: a `.ckpt` of this tool, a state_dict, or a recognised foreign layout."""
-        path = os.path.expanduser(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"init_from: no such file {path!r}. Pass a checkpoint written by `adaptive-vit fit` "
-                "(runs/<name>/version_*/checkpoints/*.ckpt) or a state_dict file."
-            )
-        checkpoint = load_checkpoint_file(path)
-        state = self.state_dict_from(checkpoint, path)
-        missing, unexpected = self.net.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "exit_thresholds" and not self.may_be_missing(k)]
-        if missing or unexpected:
-            raise ValueError(
-                f"init_from {path!r} does not fit {type(self.net).__name__}: "
-                f"missing keys {_short(missing)}, unexpected keys {_short(unexpected)}. "
-                "Is it a checkpoint of another method or backbone? Use a checkpoint of the same "
-                "method and backbone configuration."
-            )
-        if isinstance(checkpoint, dict) and "calibrations" in checkpoint.get("adaptive_vit", {}):
-            self.calibrations = dict(checkpoint["adaptive_vit"]["calibrations"])
-
-    def may_be_missing(self, key: str) -> bool:
-        """Keys a method builds fresh when starting from another stage (e.g. a new controller)."""
-        return False
-
-    def state_dict_from(self, checkpoint: Any, path: str) -> dict[str, Tensor]:
-        if isinstance(checkpoint, dict) and "state_dict" in checkpoint and "pytorch-lightning_version" in checkpoint:
-            method = checkpoint.get("adaptive_vit", {}).get("method")
-            if method and method != type(self).__name__ and not self.accepts_checkpoint_of(method):
-                raise ValueError(
-                    f"init_from {path!r} is a {method} checkpoint, not {type(self).__name__}. "
-                    "Use a checkpoint written by the same method (or its earlier stage)."
-                )
-            return {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-        foreign = self.convert_foreign_checkpoint(checkpoint) if isinstance(checkpoint, dict) else None
-        if foreign is not None:
-            return foreign
-        if isinstance(checkpoint, dict) and all(isinstance(v, Tensor) for v in checkpoint.values()):
-            return checkpoint
-        raise ValueError(
-            f"init_from {path!r}: not a checkpoint of this tool, not a state_dict, and not a layout "
-            f"{type(self).__name__} recognises (top-level keys: {_short(list(checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__})."
-        )
-
-    def accepts_checkpoint_of(self, method: str) -> bool:
-        """Whether `init_from` may take another method's checkpoint (MIA-Former takes a static one)."""
-        return False
-
-    # ------------------------------------------------------------------ exact resume
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._rng_to_restore is not None:  # first batch after resuming: continue the streams
-            set_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
-        self._batch_rng = rng_states()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._batch_rng = rng_states()  # = the next batch's start: nothing draws in between
+    def configure_callbacks(self) -> list[Callback]:
+        """Every fit resumes exactly, whatever callbacks the config lists."""
+        return [ExactResume()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the calibrations and the RNG states a resumed fit continues from.
-
-        Lightning stores no RNG state, and drop path, dropout and Gumbel noise draw from the
-        global torch stream in `training_step` (data augmentation and Mixup have their own seeds,
-        see `adaptive_vit.data`). A resumed fit restores the states at its first training batch
-        (after the sanity check, which may draw too). A checkpoint written while a batch was under
-        way (an exception, an interrupt) resumes at that batch: it stores the states of the
-        batch's start, not the current ones. Subclasses overriding `on_train_batch_start/end`
-        call super().
-        """
-        checkpoint["adaptive_vit"] = {"method": type(self).__name__, "calibrations": self.calibrations}
-        trainer = self._trainer
-        if trainer is None or trainer.state.fn != "fit":
-            return
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        if self._rng_to_restore is not None:  # resumed, and interrupted again before a batch ran
-            rng = self._rng_to_restore
-        elif progress.ready > progress.processed and self._batch_rng is not None:  # not yet trained
-            rng = self._batch_rng
-        else:
-            rng = rng_states()
-        checkpoint["adaptive_vit"]["rng"] = rng
+        """Store which method wrote the checkpoint, and the calibrated budgets."""
+        checkpoint["adaptive_vit"] = {"method": type(self).__name__, "calibrations": self.exit_policy.calibrations}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("adaptive_vit", {})
-        method = saved.get("method")
-        if method and method != type(self).__name__:
-            raise ValueError(
-                f"this checkpoint was written by {method}, but the configured model is "
-                f"{type(self).__name__}. Use the config the checkpoint was trained with "
-                "(the run's saved config.yaml) or a checkpoint of this method."
-            )
-        self.calibrations = dict(saved.get("calibrations", {}))
-        self._rng_to_restore = saved.get("rng")
-
-
-def rng_states() -> dict[str, Any]:
-    """The global torch (CPU and CUDA), numpy and python RNG states, as tensors and plain
-    Python values (loadable with `weights_only=True`)."""
-    _, keys, position, has_gauss, gauss = np.random.get_state()
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    """Restore `rng_states()`. Under DDP every rank restores rank 0's states: ranks seeded
-    alike (`seed_everything`, the default) had the same ones anyway."""
-    torch.set_rng_state(states["torch"])
-    numpy = states["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
-                         numpy["has_gauss"], numpy["gauss"]))
-    version, internal, gauss_next = states["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    cuda = states.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def load_checkpoint_file(path: str, extra_safe_globals: Iterable[Any] = ()) -> Any:
-    """`torch.load` an untrusted file with `weights_only=True`, allowlisting only what checkpoints
-    commonly hold beside tensors (argparse.Namespace, numpy scalars and arrays)."""
-    import argparse
-
-    import numpy as np
-
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    # numpy 1.x pickles name numpy.core.*, numpy 2.x numpy._core.*: allow both spellings.
-    allowed: list[Any] = [argparse.Namespace, np.ndarray, np.dtype, *extra_safe_globals]
-    for name in ("scalar", "_reconstruct"):
-        obj = getattr(multiarray, name)
-        allowed += [(obj, f"numpy.core.multiarray.{name}"), (obj, f"numpy._core.multiarray.{name}")]
-    allowed += [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors name the type that is not allowed
-        raise ValueError(
-            f"could not load {path!r} safely ({str(err).splitlines()[0]}). Checkpoints are loaded "
-            "with weights_only=True; convert the file to a plain state_dict "
-            "(torch.save(ckpt['model'], 'weights.pth')) if it holds other Python objects."
-        ) from None
-
-
-def _short(keys: list[str], n: int = 8) -> str:
-    keys = list(keys)
-    return "[]" if not keys else str(keys[:n])[:-1] + (f", ... ({len(keys)} in all)]" if len(keys) > n else "]")
+        restore_saved_state(self, checkpoint)

@@ -31,6 +31,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from adaptive_vit.checkpoints import short_list
+
 # (their prefix, our prefix), first match wins; the last one maps the DeiT body.
 _RENAMES = (
     ("pos_embed_list.0", "coarse_pos_embed"),
@@ -73,7 +75,7 @@ def convert_authors_checkpoint(checkpoint: dict[str, Any], net: nn.Module) -> di
     if missing or unexpected:
         raise ValueError(
             "checkpoint in the CF-ViT authors' layout does not fit this CFViT: missing keys "
-            f"{_short(missing)}, unexpected keys {_short(unexpected)}. Their released models are "
+            f"{short_list(missing)}, unexpected keys {short_list(unexpected)}. Their released models are "
             "DeiT-S (backbone deit_small_patch16_224) with 1000 classes and 12 blocks."
         )
     mismatched = [
@@ -83,12 +85,8 @@ def convert_authors_checkpoint(checkpoint: dict[str, Any], net: nn.Module) -> di
     if mismatched:
         raise ValueError(
             f"checkpoint in the CF-ViT authors' layout has other shapes than this CFViT: "
-            f"{_short(mismatched)}. pos_embed_list.0/1 of [1, 50, D]/[1, 197, D] are the 7×7 model "
+            f"{short_list(mismatched)}. pos_embed_list.0/1 of [1, 50, D]/[1, 197, D] are the 7×7 model "
             "(coarse_grid: 7, img_size 224), [1, 82, D]/[1, 325, D] the 9×9 one (coarse_grid: 9, "
             "img_size 288); head rows are the class count."
         )
     return {ours: state[theirs] for theirs, ours in wanted.items()}
-
-
-def _short(items: list[str], n: int = 6) -> str:
-    return str(items[:n])[:-1] + (f", ... ({len(items)} in all)]" if len(items) > n else "]")

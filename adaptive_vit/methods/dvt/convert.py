@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from adaptive_vit.checkpoints import short_list
+
 # The authors' exit models, coarsest first. A 2-exit release keeps the first and the last name.
 AUTHORS_EXITS = ("less_less_token", "less_token", "normal_token")
 
@@ -65,8 +67,8 @@ def convert_authors_checkpoint(state: dict[str, Tensor], target: dict[str, Tenso
         raise ValueError(
             f"the DVT authors' checkpoint (exits {present}) does not fit this DVT "
             f"({len([k for k in target if k.endswith('.cls_token')])} exits): "
-            f"unexpected keys {_short(unexpected)}, missing keys {_short(missing)}, "
-            f"shape mismatches {_short(shapes)}. Configure the same backbone, patch_sizes/paddings "
+            f"unexpected keys {short_list(unexpected)}, missing keys {short_list(missing)}, "
+            f"shape mismatches {short_list(shapes)}. Configure the same backbone, patch_sizes/paddings "
             "(DeiT-S: [32, 23, 16] / [0, 3, 0]), num_classes and reuse switches as the checkpoint."
         )
     return converted
@@ -78,7 +80,3 @@ def _rename(rest: str) -> str:
     for theirs, ours in _RENAMES:
         rest = rest.replace(theirs, ours)
     return "vit." + rest
-
-
-def _short(keys: list[str], n: int = 6) -> str:
-    return "[]" if not keys else str(keys[:n])[:-1] + (f", ... ({len(keys)} in all)]" if len(keys) > n else "]")
