@@ -11,6 +11,7 @@ Models and data are chosen by class name in the config (`model.class_path: CFViT
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -29,6 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 # Imported so that configs can name every class by its short name.
 import adaptive_vit.callbacks  # noqa: F401
 import adaptive_vit.methods  # noqa: F401
+from adaptive_vit.backbones.spec import check_backbone_spelling
 from adaptive_vit.data import ImageDataModule
 from adaptive_vit.methods.base import AdaptiveLitModule
 from adaptive_vit.runtime import keep_freed_memory
@@ -110,6 +113,11 @@ class AdaptiveViTCLI(LightningCLI):
         replaced by the checkpoint's. Here the configured model is built, and a checkpoint of
         another method is refused by `AdaptiveLitModule.on_load_checkpoint` with the fix.
         """
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if isinstance(args, list) or args is None:
+            _check_config_spelling(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
@@ -279,6 +287,29 @@ def _own_message(err: BaseException) -> str:
     reasons = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
     reasons = [r for r in reasons if not r.startswith("Expected a <class 'NoneType'>")]
     return "\n".join(reasons) or text
+
+
+def _check_config_spelling(args: list[str]) -> None:
+    """Config files (`--config FILE`) written before the backbone became one group get a message
+    with the new spelling instead of jsonargparse's "unexpected key"."""
+    for index, arg in enumerate(args):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+            args[index + 1] if arg == "--config" and index + 1 < len(args) else None)
+        if path is None or not os.path.isfile(path):
+            continue
+        with open(path) as file:
+            try:
+                config = yaml.safe_load(file)
+            except yaml.YAMLError:
+                continue  # the parser reports it
+        model = config.get("model") if isinstance(config, dict) else None
+        if not isinstance(model, dict) or not isinstance(model.get("init_args"), dict):
+            continue
+        module = getattr(adaptive_vit.methods, str(model.get("class_path", "")).rsplit(".", 1)[-1], None)
+        own = {name for cls in getattr(module, "__mro__", ()) if "__init__" in vars(cls)
+               and cls is not AdaptiveLitModule and issubclass(cls, AdaptiveLitModule)
+               for name in inspect.signature(cls.__init__).parameters}
+        check_backbone_spelling(model["init_args"], own, path)
 
 
 def _run(args: list[str] | None) -> AdaptiveViTCLI:

@@ -18,10 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A tiny ViT on 32x32 inputs with 4-pixel patches (8x8 tokens): the tests' standard backbone.
 TINY_VIT = [
-    "--model.init_args.backbone", "vit_tiny_patch16_224",
-    "--model.init_args.img_size", "32",
-    "--model.init_args.patch_size", "4",
-    "--model.init_args.vit_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}",
+    "--model.init_args.backbone.name", "vit_tiny_patch16_224",
+    "--model.init_args.backbone.img_size", "32",
+    "--model.init_args.backbone.patch_size", "4",
+    "--model.init_args.backbone.kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}",
 ]
 
 # Short runs: a few batches, CPU, no progress bar noise.

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
+from adaptive_vit.backbones import BackboneSpec
 from adaptive_vit.budget import budget_curve, evaluate_thresholds, solve_accuracy
 from adaptive_vit.callbacks import FlopsBudgetTracker, RobustnessEvaluation, ThresholdCalibration
 from adaptive_vit.data import ImageDataModule
@@ -240,8 +241,7 @@ def test_checkpoint_round_trip_and_test_uses_the_chosen_budget(tmp_path, data_ro
 def test_calibration_skips_single_exit_models(tmp_path, data_root):
     from adaptive_vit.methods.static import StaticViTLitModule
 
-    model = StaticViTLitModule(backbone="vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=3,
-                               vit_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2})
+    model = StaticViTLitModule(backbone=BackboneSpec("vit_tiny_patch16_224", img_size=32, patch_size=4, kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2}), num_classes=3)
     trainer(tmp_path, [ThresholdCalibration(budget_fractions=[0.5])]).validate(model, datamodule(data_root))
     assert model.exit_policy.calibrations == {}
     assert not (tmp_path / "run" / "version_0" / "thresholds.json").exists()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptive_vit.backbones import BackboneSpec
 from adaptive_vit.backbones import set_fused_attn
 from adaptive_vit.data import ImageDataModule
 from adaptive_vit.flops import fvcore_gflops
@@ -20,7 +21,7 @@ from adaptive_vit.methods.cfvit.lit import CFViTLitModule
 from adaptive_vit.methods.cfvit.model import CFViT, CoarseOutput, num_fine_tokens
 from conftest import FAST_TRAINER, REPO
 
-AUTHORS_KEYS = Path("/work/shared/reference/cfvit_deit_small_7x7_authors_keys.json")
+AUTHORS_KEYS = REPO / "tests/reference/cfvit_deit_small_7x7_authors_keys.json"
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
 
 
@@ -30,8 +31,7 @@ def tiny_net(grid: int = 4, alpha: float = 0.5, start: int = 0, fused: bool = Fa
     torch.manual_seed(0)
     net = CFViT.from_name(
         "vit_tiny_patch16_224", alpha=alpha, cls_attn_start=start, img_size=8 * grid, patch_size=4,
-        num_classes=10, fused_attn=fused, **{**TINY, "depth": depth},
-    )
+        num_classes=10, fused_attn=fused, **{**TINY, "depth": depth})
     with torch.no_grad():  # spread the confidences of a random head
         net.vit.head.weight.mul_(40)
     return net.eval()
@@ -112,7 +112,7 @@ def test_global_class_attention_equals_explicit_maps() -> None:
         small = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=True)
         tokens = torch.cat([
             (net.vit.cls_token + net.coarse_pos_embed[:, :1]).expand(3, -1, -1),
-            net.vit.patch_embed(small) + net.coarse_pos_embed[:, 1:],
+            net.family.tokenize(net.vit, small) + net.coarse_pos_embed[:, 1:],
         ], 1)
         expected = torch.zeros(3, 16)
         for index, block in enumerate(net.vit.blocks):
@@ -218,8 +218,8 @@ def test_threshold_zero_and_above_one() -> None:
 
 def tiny_module(**kwargs) -> CFViTLitModule:
     torch.manual_seed(0)
-    return CFViTLitModule(backbone="vit_tiny_patch16_224", coarse_grid=4, img_size=32, patch_size=4,
-                          vit_kwargs=TINY, cls_attn_start=0, num_classes=3, **kwargs)
+    return CFViTLitModule(backbone=BackboneSpec("vit_tiny_patch16_224", img_size=32, patch_size=4, kwargs=TINY), coarse_grid=4,
+                          cls_attn_start=0, num_classes=3, **kwargs)
 
 
 @pytest.mark.parametrize("soft", [False, True])
@@ -357,7 +357,7 @@ def authors_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[CFViTLitMod
     state = authors_state_dict(json.loads(AUTHORS_KEYS.read_text()))
     path = tmp_path_factory.mktemp("authors") / "cf_deit_small.pth"
     torch.save({"model": state, "flop": [1.1, 4.0]}, path)
-    return CFViTLitModule(init_from=str(path), fused_attn=False), state
+    return CFViTLitModule(init_from=str(path), backbone=BackboneSpec(fused_attn=False)), state
 
 
 def test_authors_checkpoint_every_tensor_lands_and_same_function(authors_model) -> None:  # noqa: ANN001
@@ -392,10 +392,10 @@ def test_authors_checkpoint_of_another_layout_is_a_clear_error(authors_model) ->
 
 
 def test_coarse_grid_and_img_size_must_agree() -> None:
-    with pytest.raises(ValueError, match="set img_size to 2·coarse_grid·patch_size"):
-        CFViTLitModule(backbone="vit_tiny_patch16_224", coarse_grid=4, img_size=48, patch_size=4,
-                       vit_kwargs=TINY, cls_attn_start=0)
-    assert CFViTLitModule(coarse_grid=9, vit_kwargs=dict(depth=4)).net.input_size() == (3, 288, 288)
+    with pytest.raises(ValueError, match="set backbone.img_size to 2·coarse_grid·patch_size"):
+        CFViTLitModule(backbone=BackboneSpec("vit_tiny_patch16_224", img_size=48, patch_size=4, kwargs=TINY), coarse_grid=4,
+                       cls_attn_start=0)
+    assert CFViTLitModule(coarse_grid=9, backbone=BackboneSpec(kwargs=dict(depth=4))).net.input_size() == (3, 288, 288)
 
 
 # ----------------------------------------------------------------------------- CLI end to end
@@ -403,10 +403,10 @@ def test_coarse_grid_and_img_size_must_agree() -> None:
 
 def test_fit_then_test_on_demo_data_with_thresholds_by_hand(run_cli) -> None:  # noqa: ANN001
     config = str(REPO / "configs/demo/cfvit.yaml")
-    tiny = ["--model.init_args.vit_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}",
+    tiny = ["--model.init_args.backbone.kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}",
             "--model.init_args.selection_epoch", "0"]
-    costs = CFViTLitModule(backbone="vit_tiny_patch16_224", coarse_grid=4, img_size=32, patch_size=4,
-                           vit_kwargs=TINY, cls_attn_start=0, num_classes=10).net.exit_gflops()
+    costs = CFViTLitModule(backbone=BackboneSpec("vit_tiny_patch16_224", img_size=32, patch_size=4, kwargs=TINY), coarse_grid=4,
+                           cls_attn_start=0, num_classes=10).net.exit_gflops()
 
     def check(cli, coarse_fraction: float, gflops: float) -> None:  # noqa: ANN001
         metrics = cli.trainer.callback_metrics
@@ -420,7 +420,7 @@ def test_fit_then_test_on_demo_data_with_thresholds_by_hand(run_cli) -> None:  #
     check(run_cli("test", "--config", config, *FAST_TRAINER, *tiny, "--ckpt_path", str(ckpt)), 1.0, costs[0])
     # η > 1 given by hand at test: everything goes on to the fine stage
     cli = run_cli("test", "--config", config, *FAST_TRAINER, *tiny, "--ckpt_path", str(ckpt),
-                  "--model.init_args.thresholds", "[1.01]")
+                  "--model.init_args.thresholds", "[.inf]")
     check(cli, 0.0, costs[1])
 
 
@@ -432,12 +432,12 @@ def test_input_of_another_size_is_a_clear_error() -> None:
 def test_authors_checkpoint_validate_calibrates_then_test(run_cli, tmp_path: Path) -> None:  # noqa: ANN001
     """A user's path with the authors' file: `validate` with init_from calibrates η and saves
     calibrated.ckpt, which `test` then evaluates (a tiny network saved in their key layout)."""
-    net = CFViTLitModule(backbone="vit_tiny_patch16_224", coarse_grid=4, img_size=32, patch_size=4,
-                         vit_kwargs=TINY, cls_attn_start=0, num_classes=10).net
+    net = CFViTLitModule(backbone=BackboneSpec("vit_tiny_patch16_224", img_size=32, patch_size=4, kwargs=TINY), coarse_grid=4,
+                         cls_attn_start=0, num_classes=10).net
     theirs = {authors_key(k): v for k, v in net.state_dict().items() if k != "exit_thresholds"}
     torch.save({"model": theirs, "flop": net.exit_gflops()}, tmp_path / "theirs.pth")
     common = ["--config", str(REPO / "configs/demo/cfvit.yaml"), *FAST_TRAINER,
-              "--model.init_args.vit_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}",
+              "--model.init_args.backbone.kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}",
               "--model.init_args.cls_attn_start", "0", "--model.init_args.init_from", str(tmp_path / "theirs.pth"),
               "--trainer.callbacks", "[{class_path: ThresholdCalibration, init_args: {budget_fractions: [0.6]}}]"]
     run_cli("validate", *common)

@@ -168,7 +168,7 @@ def test_pure_bfloat16_test_run(run_cli, tmp_path: Path, method: str) -> None:
     callbacks.write_text(yaml.safe_dump({"trainer": {"callbacks": [
         {"class_path": "RobustnessEvaluation", "init_args": {"attacks": [{"name": "FGSM", "eps": 0.03}]}},
     ]}}))
-    small = ["--model.init_args.vit_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}"]
+    small = ["--model.init_args.backbone.kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}"]
     if method == "cfvit":
         small += ["--model.init_args.cls_attn_start", "0"]
     if method == "mia":

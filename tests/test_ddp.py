@@ -36,7 +36,7 @@ from conftest import FAST_TRAINER, REPO, make_image_folder
 pytestmark = pytest.mark.slow
 
 NUM_IMAGES = 33  # per split: 3 classes x 11
-SMALL = ["--model.init_args.vit_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}"]
+SMALL = ["--model.init_args.backbone.kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}"]
 FRACTIONS = {"dvt": [0.25, 0.4, 0.6], "cfvit": [0.5, 0.75]}  # calibrated budgets, above the first exit's cost
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_vit.flops import fvcore_gflops, vit_flops
-from adaptive_vit.backbones import set_fused_attn, vit_dims
+from adaptive_vit.backbones import BackboneSpec, set_fused_attn, vit_dims
 from adaptive_vit.methods.dvt import kernel
 from adaptive_vit.methods.dvt.convert import AUTHORS_EXITS, convert_authors_checkpoint
 from adaptive_vit.methods.dvt.lit import DVTLitModule
@@ -199,8 +199,8 @@ def test_without_reuse_each_exit_is_the_plain_backbone() -> None:
     with torch.no_grad():
         outputs = model.forward_exits(x)
         for k, (patch, pad) in enumerate(zip(TINY["patch_sizes"], TINY["paddings"])):
-            plain = build_tokenized_vit(TINY["backbone"], 32, patch, pad, num_classes=10, embed_dim=32,
-                                        depth=2, num_heads=2).eval()
+            spec = BackboneSpec(TINY["backbone"], kwargs=dict(embed_dim=32, depth=2, num_heads=2))
+            plain = build_tokenized_vit(spec, 10, 32, patch, pad).eval()
             plain.load_state_dict(model.exits[k].vit.state_dict())
             torch.testing.assert_close(outputs[k], plain(x))
             assert model.exits[k].gflops() * 1e9 == pytest.approx(vit_flops(**vit_dims(plain)))
@@ -358,8 +358,8 @@ def test_converter_names_missing_and_unexpected_keys(deit_s: DVT) -> None:
 
 def test_init_from_the_authors_file_through_the_lit_module(tmp_path: Path) -> None:
     hparams = dict(num_classes=10, img_size=32, patch_sizes=[8, 6, 4], paddings=[0, 2, 0],
-                   reuse_hidden=16, reuse_dim=8, backbone="vit_tiny_patch16_224",
-                   vit_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2})
+                   reuse_hidden=16, reuse_dim=8, backbone=BackboneSpec(
+                       name="vit_tiny_patch16_224", kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2}))
     torch.manual_seed(0)
     theirs = _in_authors_layout(tiny_dvt())
     path = tmp_path / "dvt_tiny.pth.tar"
@@ -470,14 +470,14 @@ def test_converted_model_computes_the_authors_function() -> None:
 
 def test_demo_fit_then_test_honours_thresholds(run_cli, tmp_path: Path) -> None:
     config = ["--config", str(REPO / "configs/demo/dvt.yaml")]
-    small = ["--model.init_args.vit_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}"]
+    small = ["--model.init_args.backbone.kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}"]
     run_cli("fit", *config, *small, *FAST_TRAINER)
     ckpt = str(tmp_path / "runs/demo_dvt/version_0/checkpoints/last.ckpt")
     cli = run_cli("test", *config, *small, *FAST_TRAINER, "--ckpt_path", ckpt)
     assert float(cli.trainer.callback_metrics["test/exit_8x8/fraction"]) == 1.0  # default: all to the last
     # Thresholds by hand with the weights through init_from: LightningCLI replaces the model
     # arguments with the checkpoint's hyperparameters when --ckpt_path is given.
-    for thresholds, fractions in (("[0.0,0.0]", (1, 0, 0)), ("[2.0,0.0]", (0, 1, 0))):
+    for thresholds, fractions in (("[0.0,0.0]", (1, 0, 0)), ("[.inf,0.0]", (0, 1, 0))):
         cli = run_cli("test", *config, *small, *FAST_TRAINER, "--model.init_args.init_from", ckpt,
                       "--model.init_args.thresholds", thresholds)
         metrics, net = cli.trainer.callback_metrics, cli.model.net

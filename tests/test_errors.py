@@ -36,7 +36,7 @@ def test_missing_config_file_from_the_console(tmp_path: Path) -> None:
 
 def test_unknown_backbone_names_close_ones(run_cli) -> None:
     with pytest.raises(ValueError, match=r"unknown backbone 'deit_smal'.*deit_small_patch16_224"):
-        run_cli("fit", *STATIC, *FAST_TRAINER, "--model.init_args.backbone", "deit_smal")
+        run_cli("fit", *STATIC, *FAST_TRAINER, "--model.init_args.backbone.name", "deit_smal")
 
 
 def test_checkpoint_of_another_method_loses_nothing(run_cli, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from adaptive_vit.backbones import BackboneSpec
 from adaptive_vit.flops import fvcore_gflops
 from adaptive_vit.methods.mia.block import masked_block, sliced_block
 from adaptive_vit.methods.mia.controller import RowConv3x3
@@ -18,8 +19,8 @@ from adaptive_vit.methods.mia.model import Decisions, MIAFormer
 from conftest import FAST_TRAINER, REPO
 
 TINY = dict(img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=4, num_heads=4)
-TINY_LIT = dict(backbone="vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10,
-                vit_kwargs={"embed_dim": 64, "depth": 4, "num_heads": 4}, drop_path_rate=0.0)
+TINY_LIT = dict(backbone=BackboneSpec(name="vit_tiny_patch16_224", img_size=32, patch_size=4, drop_path_rate=0.0,
+                                     kwargs={"embed_dim": 64, "depth": 4, "num_heads": 4}), num_classes=10)
 
 
 def tiny(**kwargs) -> MIAFormer:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adaptive_vit.backbones import BackboneSpec
 from adaptive_vit.methods.cfvit.lit import CFViTLitModule
 from adaptive_vit.trainer import time_turns
 
@@ -24,9 +25,8 @@ import results  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny_cfvit() -> CFViTLitModule:
     torch.manual_seed(0)
-    return CFViTLitModule(backbone="vit_tiny_patch16_224", coarse_grid=4, img_size=32, patch_size=4,
-                          cls_attn_start=1, num_classes=10,
-                          vit_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2}).eval()
+    return CFViTLitModule(backbone=BackboneSpec("vit_tiny_patch16_224", img_size=32, patch_size=4, kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2}), coarse_grid=4,
+                          cls_attn_start=1, num_classes=10).eval()
 
 
 def test_evaluate_counts_exits_gflops_and_accuracy_over_uneven_batches(tiny_cfvit: CFViTLitModule) -> None:

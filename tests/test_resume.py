@@ -32,8 +32,8 @@ TINY = [
     "--data.init_args.mixup", "0.8",
     "--data.init_args.cutmix", "1.0",
     "--data.init_args.label_smoothing", "0.1",
-    "--model.init_args.vit_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}",
-    "--model.init_args.drop_path_rate", "0.1",
+    "--model.init_args.backbone.kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}",
+    "--model.init_args.backbone.drop_path_rate", "0.1",
 ]
 CALIBRATE = ["--trainer.callbacks+=ThresholdCalibration", "--trainer.callbacks.budget_fractions=[0.7]",
              "--trainer.callbacks.plot=false", "--trainer.callbacks.curve_points=3"]

@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from adaptive_vit.backbones import BackboneSpec
 from adaptive_vit.callbacks.visualize import VisualizeDecisions, _to_pixels
 from adaptive_vit.methods.cfvit.model import CFViT
 from adaptive_vit.methods.static import StaticViTLitModule
 from conftest import FAST_TRAINER, REPO
 
-TINY_WIDTH = ["--model.init_args.vit_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}"]
+TINY_WIDTH = ["--model.init_args.backbone.kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}"]
 # method → (config, extra fit arguments, files written besides exits.png and decisions.json)
 METHODS = {
     "static": ("static", [], set()),
@@ -83,7 +84,7 @@ def test_predict_writes_the_pngs_of_each_method(method: str, run_cli, tmp_path: 
              "--checkpoint.monitor", "null"]  # no validation: keep the last weights
     run_cli("fit", *config, *short)
     ckpt = tmp_path / f"runs/demo_{name}/version_0/checkpoints/last.ckpt"
-    thresholds = ["--model.init_args.thresholds", "[1.01]"] if method == "cfvit" else []  # all to the fine stage
+    thresholds = ["--model.init_args.thresholds", "[.inf]"] if method == "cfvit" else []  # all to the fine stage
     cli = run_cli("predict", *config, *FAST_TRAINER, *thresholds, "--ckpt_path", str(ckpt),
                   "--trainer.limit_predict_batches", "3",
                   "--trainer.callbacks+=VisualizeDecisions", "--trainer.callbacks.max_images", "5")
@@ -112,8 +113,7 @@ def test_output_dir_that_is_a_file_is_a_clear_error(run_cli, tmp_path: Path) -> 
     blocker = tmp_path / "taken"
     blocker.write_text("not a folder")
     weights = tmp_path / "weights.pt"  # predict refuses random weights: any state_dict of the network
-    torch.save(StaticViTLitModule(backbone="vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10,
-                                  vit_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2}).net.state_dict(), weights)
+    torch.save(StaticViTLitModule(backbone=BackboneSpec("vit_tiny_patch16_224", img_size=32, patch_size=4, kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2}), num_classes=10).net.state_dict(), weights)
     with pytest.raises(ValueError, match=r"cannot write to output_dir .*taken.*Give a writable folder"):
         run_cli("predict", "--config", str(REPO / "configs/demo/static.yaml"), *TINY_WIDTH, *FAST_TRAINER,
                 "--model.init_args.init_from", str(weights),

@@ -17,6 +17,7 @@ all the callbacks (calibration, FLOPs budget, robustness) read.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.aggregation import BaseAggregator
 from torchmetrics.classification import MulticlassAccuracy
 
+from adaptive_vit.backbones import BackboneSpec
 from adaptive_vit.callbacks.resume import ExactResume
 from adaptive_vit.checkpoints import load_init_weights, restore_saved_state
 from adaptive_vit.methods.network import AdaptiveNetwork, AdaptiveOutput
@@ -39,6 +41,8 @@ class AdaptiveLitModule(LightningModule):
     """Template LightningModule of every method (see the module docstring).
 
     Args:
+        backbone: the backbone (`BackboneSpec`: name, pretrained, img_size, patch_size,
+            drop_path_rate, fused_attn, kwargs); a method may set some of its fields itself.
         num_classes: classifier outputs (linked from the data module by the CLI).
         lr: peak learning rate (AdamW), for the whole run's global batch.
         weight_decay: AdamW weight decay; not applied to norms, biases, pos embeds, cls tokens.
@@ -55,6 +59,7 @@ class AdaptiveLitModule(LightningModule):
 
     def __init__(
         self,
+        backbone: BackboneSpec = BackboneSpec(),  # noqa: B008 (jsonargparse reads the default; never mutated)
         num_classes: int = 1000,
         lr: float = 5e-4,
         weight_decay: float = 0.05,
@@ -68,6 +73,9 @@ class AdaptiveLitModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.backbone_spec = backbone
+        # hparams (and so every checkpoint) hold plain values: the file loads with weights_only=True
+        self.hparams["backbone"] = asdict(backbone)
         self.net: AdaptiveNetwork = self.configure_network()
         self.exit_policy = ExitPolicy(self.net, thresholds, budget)
         self.configure_metrics()
@@ -85,7 +93,7 @@ class AdaptiveLitModule(LightningModule):
 
     def has_trained_weights(self) -> bool:
         """Whether evaluating without `--ckpt_path` makes sense (pretrained or `init_from`)."""
-        return bool(self.hparams.init_from)
+        return bool(self.backbone_spec.pretrained or self.hparams.init_from)
 
     def convert_foreign_checkpoint(self, checkpoint: dict[str, Any]) -> dict[str, Tensor] | None:
         """Recognise another code base's checkpoint and return this network's state_dict."""

@@ -25,8 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from adaptive_vit.backbones import create_vit, vit_dims
-from adaptive_vit.flops import vit_flops
+from adaptive_vit.backbones import BackboneSpec, build_backbone, family_of
 
 
 class AdaptiveOutput(NamedTuple):
@@ -121,15 +120,20 @@ def fraction_threshold(confidence: Tensor, fraction: float) -> float:
 
 
 class StaticViT(AdaptiveNetwork):
-    """The plain timm backbone as a one-exit network: the baseline every method is judged by."""
+    """The plain backbone as a one-exit network: the baseline every method is judged by.
+
+    Args:
+        backbone: a model of a registered backbone family (`adaptive_vit.backbones`).
+    """
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
+        self.family = family_of(backbone)
 
     @classmethod
-    def from_name(cls, name: str, **kwargs: Any) -> StaticViT:
-        return cls(create_vit(name, **kwargs))
+    def from_spec(cls, spec: BackboneSpec, num_classes: int) -> StaticViT:
+        return cls(build_backbone(spec, num_classes)[0])
 
     def forward_train(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -143,7 +147,7 @@ class StaticViT(AdaptiveNetwork):
         return AdaptiveOutput(logits, torch.zeros(x.shape[0], dtype=torch.long, device=x.device), cost)
 
     def exit_gflops(self) -> list[float]:
-        return [vit_flops(**vit_dims(self.backbone)) / 1e9]
+        return [self.family.gflops(self.backbone)]
 
     def static_gflops(self) -> float:
         return self.exit_gflops()[0]
@@ -152,5 +156,4 @@ class StaticViT(AdaptiveNetwork):
         return self.backbone
 
     def input_size(self) -> tuple[int, int, int]:
-        img = self.backbone.patch_embed.img_size
-        return (self.backbone.patch_embed.proj.in_channels, img[0], img[1])
+        return self.family.input_size(self.backbone)

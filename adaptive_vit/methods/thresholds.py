@@ -26,7 +26,8 @@ class ExitPolicy:
 
     Args:
         net: the network whose `exit_thresholds` this policy sets.
-        thresholds: thresholds given by hand, each a max-softmax confidence in [0, 1].
+        thresholds: thresholds given by hand, each a max-softmax confidence in [0, 1] (or inf:
+            no image stops at that exit).
         budget: the name of a calibrated budget to answer with.
     """
 
@@ -37,8 +38,8 @@ class ExitPolicy:
             if bad:
                 raise ValueError(
                     f"thresholds {list(thresholds)}: {bad} outside [0, 1]. A threshold is the max-softmax "
-                    "confidence at which an image stops at that exit (0: every image stops, 1: almost "
-                    "none); give one value in [0, 1] per exit but the last."
+                    "confidence at which an image stops at that exit (0: every image stops, inf: none "
+                    "does); give one value in [0, 1] (or .inf) per exit but the last."
                 )
             net.set_thresholds(thresholds)  # checks the count now, not at the first evaluation
         self.net = net

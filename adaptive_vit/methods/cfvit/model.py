@@ -27,11 +27,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
+from timm.models.vision_transformer import init_weights_vit_timm
 from torch import Tensor, nn
 
-from adaptive_vit.backbones import create_vit, vit_dims
-from adaptive_vit.flops import block_flops, mlp_flops, norm_flops, patch_embed_flops, vit_flops
+from adaptive_vit.backbones import BackboneFamily, create_vit, family_of
+from adaptive_vit.flops import block_flops, mlp_flops, norm_flops, patch_embed_flops
 from adaptive_vit.methods.network import AdaptiveNetwork, AdaptiveOutput
 
 # fvcore counts 4 FLOPs per output element of a bilinear resize (aten::upsample_bilinear2d).
@@ -62,14 +62,14 @@ def num_fine_tokens(alpha: float, coarse_patches: int) -> int:
 
 
 class CFViT(AdaptiveNetwork):
-    """Coarse-to-fine ViT over one shared timm VisionTransformer.
+    """Coarse-to-fine ViT over one shared backbone.
 
     The timm model runs at full resolution (fine grid 2g×2g); its ``pos_embed`` is the fine
     position embedding, and run on its own it is exactly the static backbone.
 
     Args:
-        vit: a timm VisionTransformer with a cls token and token pooling whose patch grid is
-            square and even (2g×2g); built by `create_vit` so blocks can tap the cls row.
+        vit: a backbone (`adaptive_vit.backbones`) with a cls token and token pooling whose
+            patch grid is square and even (2g×2g), and blocks that can tap the cls row.
         alpha: informative ratio α in (0, 1]: k = ⌈α·Nc⌉ patches are re-split.
         beta: EMA factor β of the global class attention.
         cls_attn_start: first block (0-based) whose class attention enters G.
@@ -77,11 +77,12 @@ class CFViT(AdaptiveNetwork):
 
     exit_names = ("coarse", "fine")
 
-    def __init__(self, vit: VisionTransformer, alpha: float = 0.5, beta: float = 0.99,
+    def __init__(self, vit: nn.Module, alpha: float = 0.5, beta: float = 0.99,
                  cls_attn_start: int = 3) -> None:
         super().__init__()
-        _check_backbone(vit)
-        dims = vit_dims(vit)
+        self.family = family = family_of(vit)
+        _check_backbone(vit, family)
+        dims = family.dims(vit).as_dict()
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha (the informative ratio) must be in (0, 1], got {alpha}.")
         if not 0 <= cls_attn_start < dims["depth"]:
@@ -90,17 +91,16 @@ class CFViT(AdaptiveNetwork):
                 f"(0..{dims['depth'] - 1}); the paper starts at 3 of 12."
             )
         self.vit = vit
-        self.vit.patch_embed.strict_img_size = False  # it also embeds the half-size image and crops
-        self.coarse_grid = vit.patch_embed.grid_size[0] // 2
+        self.coarse_grid = family.dims(vit).grid[0] // 2
         self.alpha, self.beta, self.cls_attn_start = alpha, beta, cls_attn_start
         dim = dims["dim"]
         # Start from the fine embedding resampled to the coarse grid (meaningful for pretrained
         # backbones; for a fresh backbone it is as random as the fine one).
         self.coarse_pos_embed = nn.Parameter(resample_abs_pos_embed(
-            vit.pos_embed.detach(), (self.coarse_grid, self.coarse_grid), num_prefix_tokens=1
+            family.pos_embed(vit).detach(), (self.coarse_grid, self.coarse_grid), num_prefix_tokens=1
         ))
         self.reuse = nn.Sequential(
-            nn.LayerNorm(dim, eps=vit.norm.eps),
+            nn.LayerNorm(dim, eps=family.norm(vit).eps),
             Mlp(dim, dims["mlp_hidden"], dim, act_layer=nn.GELU),
         )
         self.reuse.apply(init_weights_vit_timm)  # truncated normal 0.02, zero biases (as the authors)
@@ -111,7 +111,8 @@ class CFViT(AdaptiveNetwork):
     @classmethod
     def from_name(cls, name: str, alpha: float = 0.5, beta: float = 0.99, cls_attn_start: int = 3,
                   **vit_kwargs: Any) -> CFViT:
-        """Build on `create_vit(name, **vit_kwargs)` (img_size is the full, fine resolution)."""
+        """Build on the timm ViT `create_vit(name, **vit_kwargs)` (tests, scripts; img_size is the
+        full, fine resolution)."""
         return cls(create_vit(name, **vit_kwargs), alpha=alpha, beta=beta, cls_attn_start=cls_attn_start)
 
     # ------------------------------------------------------------------ sizes
@@ -129,8 +130,7 @@ class CFViT(AdaptiveNetwork):
         return num_fine_tokens(self.alpha, self.num_coarse)
 
     def input_size(self) -> tuple[int, int, int]:
-        img = self.vit.patch_embed.img_size
-        return (self.vit.patch_embed.proj.in_channels, img[0], img[1])
+        return self.family.input_size(self.vit)
 
     # ------------------------------------------------------------------ stages
 
@@ -148,10 +148,10 @@ class CFViT(AdaptiveNetwork):
             )
         half = (x.shape[-2] // 2, x.shape[-1] // 2)
         small = F.interpolate(x, size=half, mode="bilinear", align_corners=True, antialias=False)
-        embedding = self.vit.patch_embed(small) + self.coarse_pos_embed[:, 1:]  # (B, Nc, D)
-        cls = (self.vit.cls_token + self.coarse_pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        embedding = self.family.tokenize(self.vit, small) + self.coarse_pos_embed[:, 1:]  # (B, Nc, D)
+        cls = (self.family.cls_token(self.vit) + self.coarse_pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         tokens, attention = self._encode(torch.cat([cls, embedding], 1), track_attention)
-        return CoarseOutput(self.vit.forward_head(tokens), tokens[:, 1:], embedding, attention)
+        return CoarseOutput(self.family.head(self.vit, tokens), tokens[:, 1:], embedding, attention)
 
     def fine_stage(self, x: Tensor, coarse: CoarseOutput, split_all: bool = False) -> Tensor:
         """Re-split the informative (or, with `split_all`, every) patch → p_f (B, classes).
@@ -166,11 +166,11 @@ class CFViT(AdaptiveNetwork):
         fine = self._embed_fine(x, informative)  # (B, k, 4, D)
         reuse = self.reuse(_gather(coarse.features, informative))  # (B, k, D)
         fine = (fine + reuse[:, :, None]).flatten(1, 2)  # (B, 4k, D)
-        cls = (self.vit.cls_token + self.vit.pos_embed[:, :1]).expand(B, -1, -1)
+        cls = (self.family.cls_token(self.vit) + self.family.pos_embed(self.vit)[:, :1]).expand(B, -1, -1)
         # Token order after cls does not matter (no position-dependent op past the embeddings).
         tokens = torch.cat([cls, fine, _gather(coarse.embedding, rest)], 1)  # (B, 1+Nf, D)
         tokens, _ = self._encode(tokens, track_attention=False)
-        return self.vit.forward_head(tokens)
+        return self.family.head(self.vit, tokens)
 
     def select(self, coarse: CoarseOutput, split_all: bool = False) -> tuple[Tensor, Tensor]:
         """Coarse patch indices to re-split (B, k) — the top-k by G — and to keep (B, Nc−k)."""
@@ -192,24 +192,24 @@ class CFViT(AdaptiveNetwork):
         regions = x.reshape(B, C, g, side, g, side).permute(0, 2, 4, 1, 3, 5)  # (B, g, g, C, 2p, 2p)
         rows = torch.arange(B, device=x.device)[:, None]
         crops = regions[rows, informative // g, informative % g]  # (B, k, C, 2p, 2p)
-        fine = self.vit.patch_embed(crops.reshape(B * k, C, side, side))  # (B*k, 4, D)
+        fine = self.family.tokenize(self.vit, crops.reshape(B * k, C, side, side))  # (B*k, 4, D)
         dim = fine.shape[-1]
-        pos = self.vit.pos_embed[0, 1:].view(g, 2, g, 2, dim).permute(0, 2, 1, 3, 4)
+        pos = self.family.pos_embed(self.vit)[0, 1:].view(g, 2, g, 2, dim).permute(0, 2, 1, 3, 4)
         pos = pos.reshape(g * g, 4, dim)  # (Nc, 4, D): fine embedding by coarse region
         return fine.view(B, k, 4, dim) + pos[informative]
 
     def _encode(self, tokens: Tensor, track_attention: bool) -> tuple[Tensor, Tensor | None]:
         """Blocks + final norm on (B, N, D) tokens; the EMA of the cls row from `cls_attn_start`."""
-        x = self.vit.norm_pre(self.vit.pos_drop(tokens))
+        x = self.family.pre_blocks(self.vit, tokens)
         attention = None
-        for index, block in enumerate(self.vit.blocks):
+        for index, block in enumerate(self.family.blocks(self.vit)):
             if not track_attention or index < self.cls_attn_start:
                 x = block(x)
                 continue
             x, cls_row = block(x, tap="cls")  # cls_row (B, heads, N-1), post-softmax
             a = cls_row.detach().float().mean(1)  # (B, N-1)
             attention = (1 - self.beta) * a if attention is None else self.beta * attention + (1 - self.beta) * a
-        return self.vit.norm(x), attention
+        return self.family.norm(self.vit)(x), attention
 
     # ------------------------------------------------------------------ the contract
 
@@ -258,7 +258,7 @@ class CFViT(AdaptiveNetwork):
         tokens, blocks on 1+Nf tokens, norm, head. The side-computed cls row (one query per
         head, ~0.02 % of a block on the fused path, free on the explicit one) is not counted.
         """
-        d = vit_dims(self.vit)
+        d = self.family.dims(self.vit).as_dict()
         dim, channels, patch = d["dim"], d["in_chans"], d["patch_size"]
         k = self.num_informative
 
@@ -276,7 +276,7 @@ class CFViT(AdaptiveNetwork):
 
     def static_gflops(self) -> float:
         """The plain backbone at full resolution (DeiT-S: 4.608)."""
-        return vit_flops(**vit_dims(self.vit)) / 1e9
+        return self.family.gflops(self.vit)
 
     def static_baseline(self) -> nn.Module:
         """The shared timm ViT itself: run alone it is the plain backbone at full resolution."""
@@ -288,12 +288,14 @@ def _gather(tokens: Tensor, index: Tensor) -> Tensor:
     return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
 
 
-def _check_backbone(vit: VisionTransformer) -> None:
-    grid = tuple(vit.patch_embed.grid_size)
-    if vit.cls_token is None or vit.num_prefix_tokens != 1 or vit.global_pool != "token":
+def _check_backbone(vit: nn.Module, family: BackboneFamily) -> None:
+    dims = family.dims(vit)
+    grid = dims.grid
+    if dims.num_prefix_tokens != 1 or getattr(vit, "global_pool", "token") != "token":
         raise ValueError(
             "CF-ViT needs a ViT with one cls token and token pooling (class attention ranks the "
-            f"patches), got num_prefix_tokens={vit.num_prefix_tokens}, global_pool={vit.global_pool!r}. "
+            f"patches), got num_prefix_tokens={dims.num_prefix_tokens}, "
+            f"global_pool={getattr(vit, 'global_pool', None)!r}. "
             "Use a DeiT/ViT backbone such as deit_small_patch16_224."
         )
     if grid[0] != grid[1] or grid[0] % 2:
@@ -301,5 +303,5 @@ def _check_backbone(vit: VisionTransformer) -> None:
             f"CF-ViT needs a square, even fine patch grid (2g×2g), got {grid}: set img_size to "
             "2·g·patch_size (e.g. 224 for g=7 with 16-pixel patches, 288 for g=9)."
         )
-    if getattr(vit, "no_embed_class", False) or vit.pos_embed is None:
+    if getattr(vit, "no_embed_class", False) or family.pos_embed(vit) is None:
         raise ValueError("CF-ViT needs a learned position embedding that includes the cls token.")

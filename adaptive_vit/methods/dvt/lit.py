@@ -19,10 +19,11 @@ class DVTLitModule(AdaptiveLitModule):
     (given by hand with ``thresholds``, or calibrated under a budget), with each exit's "anytime"
     top-1 logged beside the adaptive accuracy and GFLOPs.
 
+    Every exit is the configured backbone at its own token grid; `backbone.pretrained` weights
+    load into every exit (reused blocks keep them for everything but their widened norm2/fc1
+    inputs), and the backbone's img_size and patch_size are set here.
+
     Args:
-        backbone: timm VisionTransformer name; every exit is this architecture.
-        pretrained: False, True (timm download) or a local weights file, loaded into every exit
-            (reused blocks keep it for everything but their widened norm2/fc1 inputs).
         img_size: input side.
         patch_sizes: patch convolution size per exit, coarsest first (DeiT-S: 32, 23, 16).
         paddings: zero padding per exit (DeiT-S: 0, 3, 0 → 7×7, 10×10, 14×14 tokens).
@@ -30,17 +31,13 @@ class DVTLitModule(AdaptiveLitModule):
         relation_reuse: relationship reuse on (False for the ablation).
         reuse_hidden: hidden width of each block's feature-reuse MLP (128).
         reuse_dim: channels each block reuses (48).
-        drop_path_rate: stochastic depth of every exit.
-        fused_attn: attention kernel: True fused SDPA, False explicit, None: the default, fused (exits that
-            feed a relationship reuse always compute explicit logits).
-        vit_kwargs: further timm arguments, e.g. ``{embed_dim: 64, depth: 4, num_heads: 4}``.
-        **kwargs: `AdaptiveLitModule` arguments (lr, weight_decay, warm-up, init_from, thresholds...).
+        **kwargs: `AdaptiveLitModule` arguments (backbone, lr, weight_decay, warm-up, init_from,
+            thresholds...). Exits that feed a relationship reuse always compute explicit attention
+            logits, whatever ``backbone.fused_attn`` says.
     """
 
     def __init__(
         self,
-        backbone: str = "deit_small_patch16_224",
-        pretrained: bool | str = False,
         img_size: int = 224,
         patch_sizes: list[int] = [32, 23, 16],  # noqa: B006 (jsonargparse needs a literal default)
         paddings: list[int] = [0, 3, 0],  # noqa: B006
@@ -48,21 +45,16 @@ class DVTLitModule(AdaptiveLitModule):
         relation_reuse: bool = True,
         reuse_hidden: int = 128,
         reuse_dim: int = 48,
-        drop_path_rate: float = 0.1,
-        fused_attn: bool | None = None,
-        vit_kwargs: dict | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
 
     def configure_network(self) -> DVT:
         hp = self.hparams
-        return DVT.from_name(
-            hp.backbone, img_size=hp.img_size, patch_sizes=hp.patch_sizes, paddings=hp.paddings,
-            feature_reuse=hp.feature_reuse, relation_reuse=hp.relation_reuse,
-            reuse_hidden=hp.reuse_hidden, reuse_dim=hp.reuse_dim, pretrained=hp.pretrained,
-            num_classes=hp.num_classes, drop_path_rate=hp.drop_path_rate, fused_attn=hp.fused_attn,
-            **(hp.vit_kwargs or {}),
+        return DVT.from_spec(
+            self.backbone_spec, hp.num_classes, img_size=hp.img_size, patch_sizes=hp.patch_sizes,
+            paddings=hp.paddings, feature_reuse=hp.feature_reuse, relation_reuse=hp.relation_reuse,
+            reuse_hidden=hp.reuse_hidden, reuse_dim=hp.reuse_dim,
         )
 
     def compute_loss(self, output: list[Tensor], target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -70,9 +62,6 @@ class DVTLitModule(AdaptiveLitModule):
         losses = [self.criterion(logits, target) for logits in output]
         logs = {f"loss_{name}": loss.detach() for name, loss in zip(self.net.exit_names, losses)}
         return sum(losses), logs
-
-    def has_trained_weights(self) -> bool:
-        return bool(self.hparams.pretrained) or super().has_trained_weights()
 
     def convert_foreign_checkpoint(self, checkpoint: dict[str, Any]) -> dict[str, Tensor] | None:
         """The DVT authors' release: ``{"model_state_dict": {"less_less_token.…": …}, …}``."""

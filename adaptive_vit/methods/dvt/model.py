@@ -22,8 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from adaptive_vit.backbones import create_vit, vit_dims
-from adaptive_vit.flops import vit_flops
+from adaptive_vit.backbones import BackboneSpec, build_backbone, family_of
 from adaptive_vit.methods.dvt.reuse import FeatureReuse, RelationReuse, ReuseBlock
 from adaptive_vit.methods.network import AdaptiveNetwork, AdaptiveOutput, fraction_threshold
 
@@ -39,17 +38,17 @@ class Handoff(NamedTuple):
         return Handoff(self.tokens[keep], None if self.logits is None else self.logits[keep])
 
 
-def build_tokenized_vit(backbone: str, img_size: int, patch_size: int, padding: int = 0,
-                        **kwargs: Any) -> nn.Module:
-    """A `create_vit` backbone whose patch convolution has kernel = stride = `patch_size` and
+def build_tokenized_vit(spec: BackboneSpec, num_classes: int, img_size: int, patch_size: int,
+                        padding: int = 0) -> nn.Module:
+    """The backbone of `spec` whose patch convolution has kernel = stride = `patch_size` and
     zero `padding` on each side (the authors' 10×10 tokenizer on 224: 23 with padding 3).
 
     Args:
-        backbone: timm VisionTransformer name.
+        spec: the backbone every exit is built as (its img_size and patch_size are set here).
+        num_classes: classifier outputs.
         img_size: input side.
         patch_size: patch convolution kernel and stride.
         padding: zero padding on each side of the image before the patch convolution.
-        kwargs: further `create_vit` arguments.
     """
     padded = img_size + 2 * padding
     if padded % patch_size:
@@ -59,13 +58,14 @@ def build_tokenized_vit(backbone: str, img_size: int, patch_size: int, padding: 
             f"padding so that img_size + 2*padding is a multiple of the patch size."
         )
     # Built for the padded image (grid and position embedding fit), then told to pad itself.
-    vit = create_vit(backbone, img_size=padded, patch_size=patch_size, **kwargs)
-    if vit.num_prefix_tokens != 1:
+    vit, family = build_backbone(spec.with_(img_size=padded, patch_size=patch_size), num_classes)
+    if family.dims(vit).num_prefix_tokens != 1:
         raise ValueError(
-            f"DVT needs backbones with exactly one cls token; {backbone!r} has {vit.num_prefix_tokens} "
-            "prefix tokens (use a deit_*/vit_* model without a distillation or register token)."
+            f"DVT needs backbones with exactly one cls token; {spec.name!r} has "
+            f"{family.dims(vit).num_prefix_tokens} prefix tokens (use a deit_*/vit_* model without a "
+            "distillation or register token)."
         )
-    if padding:
+    if padding:  # a timm ViT's patch convolution (the only family DVT pads)
         vit.patch_embed.proj.padding = (padding, padding)
         vit.patch_embed.img_size = (img_size, img_size)
     return vit
@@ -88,16 +88,17 @@ class DVTExit(nn.Module):
                  relation_reuse: bool = True, reuse_hidden: int = 128, reuse_dim: int = 48) -> None:
         super().__init__()
         self.vit = vit
-        self.grid = vit.patch_embed.grid_size[0]
+        self.family = family_of(vit)
+        dims = self.family.dims(vit)
+        self.grid = dims.grid[0]
         self.feature_reuse = feature_reuse and upstream_grid is not None
+        blocks = self.family.blocks(vit)
         if self.feature_reuse:
-            dim, eps = vit.embed_dim, vit.blocks[0].norm1.eps
-            vit.blocks = nn.Sequential(*(
-                ReuseBlock(block, FeatureReuse(dim, upstream_grid, self.grid, reuse_hidden, reuse_dim, eps))
-                for block in vit.blocks
-            ))
+            for i, block in enumerate(blocks):  # each block wrapped in place, under the same key
+                blocks[i] = ReuseBlock(block, FeatureReuse(dims.dim, upstream_grid, self.grid, reuse_hidden,
+                                                           reuse_dim, block.norm1.eps))
         self.relation_reuse = (
-            RelationReuse(vit.blocks[0].attn.num_heads, len(vit.blocks), upstream_grid, self.grid)
+            RelationReuse(dims.num_heads, dims.depth, upstream_grid, self.grid)
             if relation_reuse and upstream_grid is not None else None
         )
 
@@ -112,28 +113,29 @@ class DVTExit(nn.Module):
         Returns:
             (B, classes) logits and the `Handoff` (logits None unless `hand_logits`).
         """
-        vit = self.vit
-        z = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))  # (B, 1+N, D)
-        masks = [None] * len(vit.blocks)  # one additive (B, H, 1+N, 1+N) term per block, or None
+        vit, family = self.vit, self.family
+        blocks = family.blocks(vit)
+        z = family.embed(vit, x)  # (B, 1+N, D)
+        masks = [None] * len(blocks)  # one additive (B, H, 1+N, 1+N) term per block, or None
         if self.relation_reuse is not None:
             masks = self.relation_reuse(upstream.logits)
         extra = {"upstream": upstream.tokens} if self.feature_reuse else {}
         logits = []
-        for block, mask in zip(vit.blocks, masks):
+        for block, mask in zip(blocks, masks):
             if hand_logits:
                 z, layer_logits = block(z, attn_mask=mask, tap="logits", **extra)  # (B, H, 1+N, 1+N)
                 logits.append(layer_logits)
             else:
                 z = block(z, attn_mask=mask, **extra)
-        out = vit.forward_head(vit.norm(z))
+        out = family.head(vit, family.norm(vit)(z))
         return out, Handoff(z[:, 1:], torch.cat(logits, dim=1) if hand_logits else None)
 
     def gflops(self) -> float:
         """GFLOPs per image of this exit alone, its reuse modules included."""
-        dims = vit_dims(self.vit)
-        flops = vit_flops(**dims)
+        flops = self.family.gflops(self.vit) * 1e9
         if self.feature_reuse:
-            flops += sum(block.flops(dims["num_patches"] + 1) for block in self.vit.blocks)
+            tokens = self.family.dims(self.vit).num_patches + 1
+            flops += sum(block.flops(tokens) for block in self.family.blocks(self.vit))
         if self.relation_reuse is not None:
             flops += self.relation_reuse.flops()
         return flops / 1e9
@@ -154,9 +156,10 @@ class DVT(AdaptiveNetwork):
         self.baseline = baseline
 
     @classmethod
-    def from_name(
+    def from_spec(
         cls,
-        backbone: str = "deit_small_patch16_224",
+        spec: BackboneSpec,
+        num_classes: int,
         img_size: int = 224,
         patch_sizes: Sequence[int] = (32, 23, 16),
         paddings: Sequence[int] | None = (0, 3, 0),
@@ -164,12 +167,12 @@ class DVT(AdaptiveNetwork):
         relation_reuse: bool = True,
         reuse_hidden: int = 128,
         reuse_dim: int = 48,
-        **vit_kwargs: Any,
     ) -> DVT:
-        """Build the cascade from a timm backbone name.
+        """Build the cascade: every exit is the backbone of `spec` at its own token grid.
 
         Args:
-            backbone: timm VisionTransformer name; every exit is this architecture.
+            spec: the backbone of every exit (its img_size and patch_size are set per exit).
+            num_classes: classifier outputs.
             img_size: input side (the same image for every exit).
             patch_sizes: patch convolution size per exit, coarsest first.
             paddings: zero padding per exit (None: no padding anywhere).
@@ -177,8 +180,6 @@ class DVT(AdaptiveNetwork):
             relation_reuse: relationship reuse on (False: ablation).
             reuse_hidden: hidden width of each f_l.
             reuse_dim: channels each f_l reuses.
-            vit_kwargs: `create_vit` arguments for every exit (num_classes, pretrained,
-                drop_path_rate, fused_attn, embed_dim, depth, num_heads...).
         """
         paddings = [0] * len(patch_sizes) if paddings is None else list(paddings)
         if len(paddings) != len(patch_sizes) or len(patch_sizes) < 2:
@@ -186,16 +187,30 @@ class DVT(AdaptiveNetwork):
                              f"patch_sizes={list(patch_sizes)}, paddings={paddings}.")
         exits: list[DVTExit] = []
         for patch, pad in zip(patch_sizes, paddings):
-            vit = build_tokenized_vit(backbone, img_size, patch, pad, **vit_kwargs)
+            vit = build_tokenized_vit(spec, num_classes, img_size, patch, pad)
             upstream = exits[-1].grid if exits else None
             exits.append(DVTExit(vit, upstream, feature_reuse, relation_reuse, reuse_hidden, reuse_dim))
         grids = [e.grid for e in exits]
         if grids != sorted(set(grids)):
             raise ValueError(f"DVT's exits must have growing token grids, got {grids} from "
                              f"patch_sizes={list(patch_sizes)}, paddings={paddings}.")
-        plain = {k: v for k, v in vit_kwargs.items() if k != "drop_path_rate"}
-        return cls(exits, dict(backbone=backbone, img_size=img_size, patch_size=patch_sizes[-1],
-                               padding=paddings[-1], **plain))
+        baseline = dict(spec=spec.with_(drop_path_rate=0.0), num_classes=num_classes, img_size=img_size,
+                        patch_size=patch_sizes[-1], padding=paddings[-1])
+        return cls(exits, baseline)
+
+    @classmethod
+    def from_name(cls, backbone: str = "deit_small_patch16_224", num_classes: int = 1000,
+                  pretrained: bool | str = False, drop_path_rate: float = 0.0, fused_attn: bool | None = None,
+                  img_size: int = 224, patch_sizes: Sequence[int] = (32, 23, 16),
+                  paddings: Sequence[int] | None = (0, 3, 0), feature_reuse: bool = True,
+                  relation_reuse: bool = True, reuse_hidden: int = 128, reuse_dim: int = 48,
+                  **vit_kwargs: Any) -> DVT:
+        """`from_spec` on a timm backbone name (tests, scripts); `vit_kwargs` are timm's
+        (embed_dim, depth, num_heads...)."""
+        spec = BackboneSpec(name=backbone, pretrained=pretrained, drop_path_rate=drop_path_rate,
+                            fused_attn=fused_attn, kwargs=vit_kwargs)
+        return cls.from_spec(spec, num_classes, img_size, patch_sizes, paddings, feature_reuse, relation_reuse,
+                             reuse_hidden, reuse_dim)
 
     # ------------------------------------------------------------------ forwards
 
@@ -256,14 +271,15 @@ class DVT(AdaptiveNetwork):
 
     def static_gflops(self) -> float:
         """The plain backbone at the last exit's grid (DeiT-S 14×14: 4.608)."""
-        return vit_flops(**vit_dims(self.exits[-1].vit)) / 1e9
+        last = self.exits[-1]
+        return last.family.gflops(last.vit)
 
     def static_baseline(self) -> nn.Module:
         return build_tokenized_vit(**self.baseline)
 
     def input_size(self) -> tuple[int, int, int]:
-        embed = self.exits[0].vit.patch_embed
-        return (embed.proj.in_channels, *embed.img_size)
+        first = self.exits[0]
+        return first.family.input_size(first.vit)
 
     def benchmark_modes(self, x: Tensor) -> Iterator[tuple[str, Callable[[], AdaptiveOutput]]]:
         """Fractions of images past exit 1 (to the last exit), then, for 3+ exits, splits of the

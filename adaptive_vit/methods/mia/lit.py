@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 
+from adaptive_vit.backbones import build_backbone
 from adaptive_vit.methods.base import AdaptiveLitModule
 from adaptive_vit.methods.mia.controller import MIAController
 from adaptive_vit.methods.mia.model import DIMENSIONS, MaskedOutput, MIAFormer
@@ -52,13 +53,6 @@ class MIALitModule(AdaptiveLitModule):
     """MIA-Former on a timm ViT, trained in three stages.
 
     Args:
-        backbone: timm VisionTransformer name, e.g. ``deit_small_patch16_224``.
-        pretrained: False, True (timm download) or a local weights file for the backbone.
-        img_size: input side (None: the backbone's default).
-        patch_size: patch side (None: the backbone's default).
-        drop_path_rate: stochastic depth of the backbone.
-        fused_attn: attention kernel (True SDPA, False explicit, None: the default, fused).
-        vit_kwargs: further timm arguments (``{embed_dim: 64, depth: 4, num_heads: 4}``).
         skip_blocks: let the controllers skip blocks (the paper's Table 2 ablation switches).
         skip_heads: let them skip heads.
         skip_tokens: let them skip tokens.
@@ -78,19 +72,12 @@ class MIALitModule(AdaptiveLitModule):
         entropy_weight: weight of the entropy bonus (A2C).
         critic_weight: weight of the critic's MSE (A2C).
         gumbel_tau: Gumbel-softmax temperature.
-        **kwargs: `AdaptiveLitModule` arguments (weight_decay, warm-up, init_from, ...); its
-            `lr` is unused (the stages have their own).
+        **kwargs: `AdaptiveLitModule` arguments (backbone, weight_decay, warm-up, init_from, ...);
+            its `lr` is unused (the stages have their own).
     """
 
     def __init__(
         self,
-        backbone: str = "deit_small_patch16_224",
-        pretrained: bool | str = False,
-        img_size: int | None = None,
-        patch_size: int | None = None,
-        drop_path_rate: float = 0.1,
-        fused_attn: bool | None = None,
-        vit_kwargs: dict | None = None,
         skip_blocks: bool = True,
         skip_heads: bool = True,
         skip_tokens: bool = True,
@@ -126,11 +113,8 @@ class MIALitModule(AdaptiveLitModule):
 
     def configure_network(self) -> MIAFormer:
         hp = self.hparams
-        vit = dict(pretrained=hp.pretrained, num_classes=hp.num_classes, img_size=hp.img_size,
-                   patch_size=hp.patch_size, drop_path_rate=hp.drop_path_rate, fused_attn=hp.fused_attn,
-                   **(hp.vit_kwargs or {}))
-        return MIAFormer.from_name(
-            hp.backbone, vit=vit, skip_blocks=hp.skip_blocks, skip_heads=hp.skip_heads,
+        return MIAFormer(
+            build_backbone(self.backbone_spec, hp.num_classes)[0], skip_blocks=hp.skip_blocks, skip_heads=hp.skip_heads,
             skip_tokens=hp.skip_tokens, pool=hp.controller_pool, token_global=hp.token_global,
             gumbel_tau=hp.gumbel_tau,
         )
@@ -310,9 +294,6 @@ class MIALitModule(AdaptiveLitModule):
         return logs
 
     # ------------------------------------------------------------------ weights
-
-    def has_trained_weights(self) -> bool:
-        return bool(self.hparams.pretrained) or super().has_trained_weights()
 
     def accepts_checkpoint_of(self, method: str) -> bool:
         return method == "StaticViTLitModule"  # its `backbone.*` is this network's backbone

@@ -19,8 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from adaptive_vit.backbones import create_vit, vit_dims
-from adaptive_vit.flops import vit_flops
+from adaptive_vit.backbones import create_vit, family_of
 from adaptive_vit.methods.mia.block import masked_block, sliced_block
 from adaptive_vit.methods.mia.controller import ControllerOutput, MIAController, decide
 from adaptive_vit.methods.mia.cost import MIACost
@@ -74,9 +73,11 @@ class MIAFormer(AdaptiveNetwork):
         super().__init__()
         _check_backbone(backbone)
         self.backbone = backbone
-        dims = vit_dims(backbone)
+        self.family = family_of(backbone)
+        shape = self.family.dims(backbone)
+        dims = shape.as_dict()
         self.dims = dims
-        grid = tuple(backbone.patch_embed.grid_size)
+        grid = shape.grid
         self.controllers = nn.ModuleList(
             MIAController(dims["dim"], dims["num_heads"], grid, pool, skip_blocks, skip_heads, skip_tokens,
                           token_global, init_keep_bias)
@@ -92,7 +93,7 @@ class MIAFormer(AdaptiveNetwork):
 
     @classmethod
     def from_name(cls, name: str, vit: dict[str, Any] | None = None, **kwargs: Any) -> MIAFormer:
-        """Build on `backbones.create_vit(name, **vit)`."""
+        """Build on the timm ViT `backbones.create_vit(name, **vit)` (tests, scripts)."""
         return cls(create_vit(name, **(vit or {})), **kwargs)
 
     @property
@@ -103,11 +104,10 @@ class MIAFormer(AdaptiveNetwork):
     # ------------------------------------------------------------------ shared pieces
 
     def _embed(self, x: Tensor) -> Tensor:
-        b = self.backbone
-        return b.norm_pre(b.patch_drop(b._pos_embed(b.patch_embed(x))))
+        return self.family.embed(self.backbone, x)
 
     def _head(self, x: Tensor) -> Tensor:
-        return self.backbone.forward_head(self.backbone.norm(x))
+        return self.family.head(self.backbone, self.family.norm(self.backbone)(x))
 
     def _gflops(self, blocks: Tensor, heads: Tensor, tokens: Tensor) -> Tensor:
         """(B, L) executed, head counts, kept patch-token counts → (B,) GFLOPs (float32: raw FLOP
@@ -131,7 +131,7 @@ class MIAFormer(AdaptiveNetwork):
         H, N = self.dims["num_heads"], self.dims["num_patches"]
         ones = x.new_ones
         blocks, heads, tokens, controls = [], [], [], []
-        for l, (controller, block) in enumerate(zip(self.controllers, self.backbone.blocks)):
+        for l, (controller, block) in enumerate(zip(self.controllers, self.family.blocks(self.backbone))):
             out = controller(x, with_values=with_values)
             b = decide(out.block, mode, self.gumbel_tau) if out.block is not None else ones(B)
             h = decide(out.heads, mode, self.gumbel_tau) if out.heads is not None else ones(B, H)
@@ -163,7 +163,7 @@ class MIAFormer(AdaptiveNetwork):
         H, N = self.dims["num_heads"], self.dims["num_patches"]
         executed = torch.zeros(B, L, dtype=torch.float32, device=x.device)  # float32 under `bf16-true` too
         heads, tokens = torch.zeros_like(executed), torch.zeros_like(executed)
-        for l, (controller, block) in enumerate(zip(self.controllers, self.backbone.blocks)):
+        for l, (controller, block) in enumerate(zip(self.controllers, self.family.blocks(self.backbone))):
             b, samples, h, n = self._decide_sliced(controller, x, l, override)
             x = sliced_block(block, x, samples, h, n)
             executed[:, l] = b.float()
@@ -180,7 +180,7 @@ class MIAFormer(AdaptiveNetwork):
         checks against fvcore and to time what the blocks cost alone
         (`benchmarks/mia_controllers.py`)."""
         z = self._embed(x)
-        for l, block in enumerate(self.backbone.blocks):
+        for l, block in enumerate(self.family.blocks(self.backbone)):
             samples = decisions.blocks[:, l].nonzero()[:, 0]
             z = sliced_block(block, z, samples, decisions.heads[samples, l], decisions.tokens[samples, l])
         return self._head(z)
@@ -229,7 +229,7 @@ class MIAFormer(AdaptiveNetwork):
         (B, L, rows, cols) of kept patch tokens on the patch grid, all bool. The masked path in
         argmax mode makes the same decisions as the sliced path (tested)."""
         decisions = self.forward_masked(x, mode="argmax").decisions
-        grid = tuple(self.backbone.patch_embed.grid_size)
+        grid = self.family.dims(self.backbone).grid
         return {"blocks": decisions.blocks.bool(), "heads": decisions.heads.bool(),
                 "tokens": decisions.tokens.bool().unflatten(-1, grid)}
 
@@ -238,11 +238,10 @@ class MIAFormer(AdaptiveNetwork):
         return [self.cost.total() / 1e9]
 
     def static_gflops(self) -> float:
-        return vit_flops(**self.dims) / 1e9
+        return self.family.gflops(self.backbone)
 
     def input_size(self) -> tuple[int, int, int]:
-        img = self.backbone.patch_embed.img_size
-        return (self.dims["in_chans"], img[0], img[1])
+        return self.family.input_size(self.backbone)
 
     def static_baseline(self) -> nn.Module:
         return self.backbone  # the plain timm forward on the same weights

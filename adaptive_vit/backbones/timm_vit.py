@@ -1,4 +1,4 @@
-"""timm ViT pieces shared by every method, and offline weight loading.
+"""The timm ViT family: timm `VisionTransformer`s with tap-able blocks, and offline weights.
 
 `Block` and `Attention` are timm's, subclassed so that a method can ask one block for what it
 needs without giving up the fused attention kernel everywhere else:
@@ -26,7 +26,10 @@ import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
+
+from adaptive_vit.backbones.spec import BackboneDims, BackboneFamily, BackboneSpec
+from adaptive_vit.flops import vit_flops
 
 Tap = Literal["cls", "logits"] | None
 
@@ -36,9 +39,7 @@ class Attention(TimmAttention):
 
     The kernel is timm's own switch, `fused_attn` (True = `scaled_dot_product_attention`, timm's
     default unless TIMM_FUSED_ATTN=0; False = explicit matmuls; `set_fused_attn` sets it). On GPUs
-    the fused kernels are far faster; on this project's 2-core CPU fused SDPA measured ~10 %
-    faster for DeiT-S at batch 64 and the same at batch 1, once the CLI keeps freed memory
-    (`runtime.py`; before that, the explicit path's page faults made it look ~15 % faster).
+    the fused kernels are far faster; what each path measured on a CPU is in docs/performance.md.
     """
 
     def forward(
@@ -243,3 +244,59 @@ def vit_dims(model: VisionTransformer) -> dict[str, int]:
         in_chans=model.patch_embed.proj.in_channels,
         num_classes=model.num_classes,
     )
+
+
+class TimmViTFamily(BackboneFamily):
+    """Every timm `VisionTransformer` with one class token (DeiT, ViT, ...), blocks swapped for
+    this module's tap-able `Block`."""
+
+    name = "timm_vit"
+    model_class = VisionTransformer
+
+    def handles(self, name: str) -> bool:
+        return True  # asked last: any other name gets timm's "unknown model" message
+
+    def create(self, spec: BackboneSpec, num_classes: int) -> VisionTransformer:
+        return create_vit(
+            spec.name, pretrained=spec.pretrained, num_classes=num_classes, img_size=spec.img_size,
+            patch_size=spec.patch_size, drop_path_rate=spec.drop_path_rate, fused_attn=spec.fused_attn,
+            **spec.kwargs,
+        )
+
+    def dims(self, model: VisionTransformer) -> BackboneDims:
+        d = vit_dims(model)
+        del d["num_patches"]
+        return BackboneDims(grid=tuple(model.patch_embed.grid_size), **d)
+
+    def tokenize(self, model: VisionTransformer, x: Tensor) -> Tensor:
+        # timm's PatchEmbed without its input-size check (CF-ViT embeds other sizes too)
+        embed = model.patch_embed
+        return embed.norm(embed.proj(x).flatten(2).transpose(1, 2))
+
+    def cls_token(self, model: VisionTransformer) -> Tensor:
+        return model.cls_token
+
+    def pos_embed(self, model: VisionTransformer) -> Tensor:
+        return model.pos_embed
+
+    def pre_blocks(self, model: VisionTransformer, tokens: Tensor) -> Tensor:
+        return model.norm_pre(model.pos_drop(tokens))
+
+    def embed(self, model: VisionTransformer, x: Tensor) -> Tensor:
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+    def blocks(self, model: VisionTransformer) -> nn.Sequential:
+        return model.blocks
+
+    def norm(self, model: VisionTransformer) -> nn.Module:
+        return model.norm
+
+    def head(self, model: VisionTransformer, tokens: Tensor) -> Tensor:
+        return model.forward_head(tokens)
+
+    def gflops(self, model: VisionTransformer) -> float:
+        return vit_flops(**vit_dims(model)) / 1e9
+
+    def input_size(self, model: VisionTransformer) -> tuple[int, int, int]:
+        img = model.patch_embed.img_size
+        return (model.patch_embed.proj.in_channels, img[0], img[1])

@@ -1,0 +1,207 @@
+"""A backbone is one thing: `BackboneSpec` (what a config says) and `BackboneFamily` (how an
+architecture is built and what the methods may ask of it).
+
+Every LightningModule takes one `backbone` argument, nested by jsonargparse:
+
+    model:
+      init_args:
+        backbone: {name: deit_small_patch16_224, pretrained: /path/to/weights.pth, img_size: 224}
+
+`build_backbone(spec, num_classes)` finds the family that handles `spec.name` and builds the
+model. A family is one module: subclass `BackboneFamily`, fill in its methods, and
+`register_family(MyFamily())`; the methods (static, CF-ViT, DVT, MIA-Former) only ever talk to a
+backbone through its family (see docs/backbones.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+from torch import Tensor, nn
+
+
+@dataclass
+class BackboneSpec:
+    """The backbone of a model, as a config gives it.
+
+    Args:
+        name: architecture name, e.g. ``deit_small_patch16_224`` (any timm VisionTransformer).
+        pretrained: False; True (download through timm: needs a network); or the path of a local
+            weights file in the family's layout (works offline).
+        img_size: input side (None: the architecture's default; some methods set it).
+        patch_size: patch side (None: the architecture's default; some methods set it).
+        drop_path_rate: stochastic depth rate.
+        fused_attn: attention kernel: True fused SDPA, False explicit matmuls, None: the default.
+        kwargs: further architecture arguments, e.g. ``{embed_dim: 64, depth: 4, num_heads: 4}``.
+    """
+
+    name: str = "deit_small_patch16_224"
+    pretrained: bool | str = False
+    img_size: int | None = None
+    patch_size: int | None = None
+    drop_path_rate: float = 0.1
+    fused_attn: bool | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def with_(self, **changes: Any) -> BackboneSpec:
+        """A copy with some fields set by the method (e.g. DVT's per-exit patch size)."""
+        return replace(self, **changes)
+
+
+class BackboneDims(NamedTuple):
+    """The numbers a method and its cost formulas need of a built backbone."""
+
+    dim: int  # token width D
+    depth: int  # transformer blocks L
+    num_heads: int  # attention heads H
+    mlp_hidden: int  # MLP hidden width M
+    grid: tuple[int, int]  # patch tokens per side at the configured image size
+    num_prefix_tokens: int  # class (and other) tokens before the patch tokens
+    patch_size: int  # pixels per token side
+    in_chans: int  # image channels
+    num_classes: int  # classifier outputs
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def as_dict(self) -> dict[str, int]:
+        """The cost formulas' keyword arguments (`adaptive_vit.flops`): no grid, its token count."""
+        d = {k: v for k, v in self._asdict().items() if k != "grid"}
+        return {**d, "num_patches": self.num_patches}
+
+
+class BackboneFamily:
+    """How one architecture is built, and what the methods ask of a built model.
+
+    The methods see a backbone as: a tokenizer (image → patch tokens), a class token and position
+    embeddings (at the model's grid; a method resamples them for other grids), a stack of
+    pre-norm transformer blocks that accept `tap=` (see `backbones.timm_vit.Block`), a final norm
+    and a classifier head, and the FLOPs of the whole. Subclasses fill in every method.
+    """
+
+    name: str = ""
+    model_class: type[nn.Module] = nn.Module  # what `create` builds
+
+    def handles(self, name: str) -> bool:
+        """Whether this family builds architecture `name`."""
+        raise NotImplementedError
+
+    def owns(self, model: nn.Module) -> bool:
+        """Whether `model` is one of this family's."""
+        return isinstance(model, self.model_class)
+
+    def create(self, spec: BackboneSpec, num_classes: int) -> nn.Module:
+        """Build the model of `spec` with a `num_classes`-way classifier (weights loaded)."""
+        raise NotImplementedError
+
+    def dims(self, model: nn.Module) -> BackboneDims:
+        raise NotImplementedError
+
+    def tokenize(self, model: nn.Module, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) → patch tokens (B, N, D), no position yet; any H, W the tokenizer
+        takes (CF-ViT also embeds the half-size image and 2×2-patch crops)."""
+        raise NotImplementedError
+
+    def cls_token(self, model: nn.Module) -> Tensor:
+        """(1, 1, D)."""
+        raise NotImplementedError
+
+    def pos_embed(self, model: nn.Module) -> Tensor:
+        """(1, 1 + N, D): the class token's position embedding, then the patch grid's."""
+        raise NotImplementedError
+
+    def pre_blocks(self, model: nn.Module, tokens: Tensor) -> Tensor:
+        """What runs on the assembled tokens (B, 1 + N, D) before the first block (dropout,
+        pre-norm; often nothing)."""
+        raise NotImplementedError
+
+    def embed(self, model: nn.Module, x: Tensor) -> Tensor:
+        """Images → the first block's input (B, 1 + N, D): tokens, class token, positions."""
+        raise NotImplementedError
+
+    def blocks(self, model: nn.Module) -> nn.Sequential:
+        raise NotImplementedError
+
+    def norm(self, model: nn.Module) -> nn.Module:
+        """The final norm (its `eps` also sizes methods' extra norms)."""
+        raise NotImplementedError
+
+    def head(self, model: nn.Module, tokens: Tensor) -> Tensor:
+        """Tokens after the final norm (B, 1 + N, D) → logits (B, classes)."""
+        raise NotImplementedError
+
+    def gflops(self, model: nn.Module) -> float:
+        """GFLOPs per image of the whole model (the project's convention, `adaptive_vit.flops`)."""
+        raise NotImplementedError
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        """(C, H, W) of one input image."""
+        d = self.dims(model)
+        return (d.in_chans, d.grid[0] * d.patch_size, d.grid[1] * d.patch_size)
+
+
+_FAMILIES: list[BackboneFamily] = []
+
+
+def register_family(family: BackboneFamily) -> BackboneFamily:
+    """Make `family` available to every config (later registrations are asked first)."""
+    _FAMILIES.insert(0, family)
+    return family
+
+
+def family_for(name: str) -> BackboneFamily:
+    """The registered family that builds `name`."""
+    for family in _FAMILIES:
+        if family.handles(name):
+            return family
+    known = ", ".join(f.name for f in _FAMILIES)
+    raise ValueError(
+        f"unknown backbone {name!r}: no registered backbone family builds it (families: {known}). "
+        "See docs/backbones.md for the names each family takes."
+    )
+
+
+def build_backbone(spec: BackboneSpec, num_classes: int) -> tuple[nn.Module, BackboneFamily]:
+    """The model of `spec` and the family that answers for it."""
+    family = family_for(spec.name)
+    return family.create(spec, num_classes), family
+
+
+def family_of(model: nn.Module) -> BackboneFamily:
+    """The family of a built model (asked by the networks when given a model directly)."""
+    for family in _FAMILIES:
+        if family.owns(model):
+            return family
+    raise ValueError(f"{type(model).__name__} is not a backbone of any registered family.")
+
+
+# Before the backbone became one group, each LightningModule took these flat arguments.
+_FLAT_BACKBONE_KEYS = {"backbone": "name", "pretrained": "pretrained", "img_size": "img_size",
+                       "patch_size": "patch_size", "drop_path_rate": "drop_path_rate",
+                       "fused_attn": "fused_attn", "vit_kwargs": "kwargs"}
+
+
+def check_backbone_spelling(init_args: dict[str, Any], own_args: set[str], source: str) -> None:
+    """Refuse a model config in the old flat spelling (``backbone: deit_small_patch16_224``,
+    ``img_size``, ``vit_kwargs``... beside the method's arguments), showing the new one.
+
+    Args:
+        init_args: the config's ``model.init_args``.
+        own_args: the arguments the configured LightningModule takes itself (DVT keeps its
+            own ``img_size``).
+        source: where the config comes from, for the message.
+    """
+    flat = {k: v for k, v in init_args.items()
+            if k in _FLAT_BACKBONE_KEYS and (isinstance(v, str) if k == "backbone" else k not in own_args)}
+    if not flat:
+        return
+    group = {_FLAT_BACKBONE_KEYS[k]: v for k, v in flat.items()}
+    lines = "\n".join(f"      {k}: {json.dumps(v)}" for k, v in group.items())  # JSON values are YAML
+    raise ValueError(
+        f"{source}: the backbone arguments are one group now. Replace model.init_args."
+        f"{', model.init_args.'.join(flat)} with\n    backbone:\n{lines}\n(on the command line: "
+        "--model.init_args.backbone.name ..., --model.init_args.backbone.kwargs ...; see docs/backbones.md)."
+    )
