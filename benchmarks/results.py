@@ -42,9 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo import REPO, DemoRun, run_demos  # noqa: E402
 
+from adaptive_vit import reports  # noqa: E402
 from adaptive_vit.callbacks import RobustnessEvaluation  # noqa: E402
-from adaptive_vit.callbacks.calibration import json_safe  # noqa: E402
-from adaptive_vit.callbacks.calibration import write_csv as calibration_csv  # noqa: E402
 from adaptive_vit.methods.network import AdaptiveNetwork  # noqa: E402
 from adaptive_vit.trainer import benchmark_row, time_turns  # noqa: E402
 
@@ -262,7 +261,7 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    calibration_csv(path, [flat_row(r) for r in rows])
+    reports.write_csv(path, [flat_row(r) for r in rows])
 
 
 def _pct(value: float | None) -> str:
@@ -375,7 +374,7 @@ def plot_skipping(path: Path, ratios: dict[str, list[float]], title: str) -> Non
 def write_outputs(out: Path, report: dict[str, Any]) -> str:
     """demo.json, demo.csv, README_table.md and the figures; returns the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.json").write_text(json.dumps(json_safe(report), indent=2))
+    (out / "demo.json").write_text(json.dumps(reports.json_safe(report), indent=2))
     write_csv(out / "demo.csv", report["rows"])
     table = markdown_table(report)
     (out / "README_table.md").write_text(table)
