@@ -16,8 +16,8 @@ so each row has a measured speedup beside its FLOPs reduction.
 Writes into --out (default results/): demo.json, demo.csv, accuracy_vs_gflops.png, exits.png,
 mia_skipping.png and README_table.md (the README's table, with the command, date and commit).
 
-    python benchmarks/results.py                 # `make results`: ~20-30 min on 2 quiet CPU cores
-    python benchmarks/results.py --quick         # 1 short epoch each, 2 test batches: a smoke run
+    python -m benchmarks.results                 # `make results`: ~20-30 min on 2 quiet CPU cores
+    python -m benchmarks.results --quick         # 1 short epoch each, 2 test batches: a smoke run
 """
 
 from __future__ import annotations
@@ -38,14 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from demo import REPO, DemoRun, run_demos  # noqa: E402
-
-from adaptive_vit import reports  # noqa: E402
-from adaptive_vit.callbacks import RobustnessEvaluation  # noqa: E402
-from adaptive_vit.methods.network import AdaptiveNetwork  # noqa: E402
-from adaptive_vit.trainer import benchmark_row, time_turns  # noqa: E402
+from adaptive_vit import reports
+from adaptive_vit.callbacks import RobustnessEvaluation
+from adaptive_vit.methods.network import AdaptiveNetwork
+from adaptive_vit.trainer import benchmark_row, time_turns
+from benchmarks.demo import REPO, DemoRun, run_demos
 
 BATCH = 64  # batch size of the throughput figures
 
@@ -401,7 +398,7 @@ def provenance(argv: Sequence[str]) -> dict[str, Any]:
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
-    return {"command": shlex.join(["python", "benchmarks/results.py", *argv]),
+    return {"command": shlex.join(["python", "-m", "benchmarks.results", *argv]),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": commit, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
