@@ -478,7 +478,7 @@ def test_demo_fit_then_test_honours_thresholds(run_cli, tmp_path: Path) -> None:
     assert float(cli.trainer.callback_metrics["test/exit_8x8/fraction"]) == 1.0  # default: all to the last
     # Thresholds by hand with the weights through init_from: LightningCLI replaces the model
     # arguments with the checkpoint's hyperparameters when --ckpt_path is given.
-    for thresholds, fractions in (("[0.0,0.0]", (1, 0, 0)), ("[2.0,0.0]", (0, 1, 0))):
+    for thresholds, fractions in (("[0.0,0.0]", (1, 0, 0)), ("[.inf,0.0]", (0, 1, 0))):
         cli = run_cli("test", *config, *small, *FAST_TRAINER, "--model.init_args.init_from", ckpt,
                       "--model.init_args.thresholds", thresholds)
         metrics, net = cli.trainer.callback_metrics, cli.model.net
