@@ -83,7 +83,7 @@ def test_predict_writes_the_pngs_of_each_method(method: str, run_cli, tmp_path: 
              "--checkpoint.monitor", "null"]  # no validation: keep the last weights
     run_cli("fit", *config, *short)
     ckpt = tmp_path / f"runs/demo_{name}/version_0/checkpoints/last.ckpt"
-    thresholds = ["--model.init_args.thresholds", "[1.01]"] if method == "cfvit" else []  # all to the fine stage
+    thresholds = ["--model.init_args.thresholds", "[.inf]"] if method == "cfvit" else []  # all to the fine stage
     cli = run_cli("predict", *config, *FAST_TRAINER, *thresholds, "--ckpt_path", str(ckpt),
                   "--trainer.limit_predict_batches", "3",
                   "--trainer.callbacks+=VisualizeDecisions", "--trainer.callbacks.max_images", "5")
