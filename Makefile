@@ -27,11 +27,11 @@ test: install
 	$(PY) -m pytest -q -ra
 
 demo: install
-	$(PY) benchmarks/demo.py --runs $(DEMO_RUNS)
+	$(PY) -m benchmarks.demo --runs $(DEMO_RUNS)
 
 # Trains, calibrates, tests and times every demo model; writes results/ (tables and figures).
 results: install
-	$(PY) benchmarks/results.py --runs $(RESULTS_RUNS)
+	$(PY) -m benchmarks.results --runs $(RESULTS_RUNS)
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

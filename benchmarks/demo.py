@@ -6,23 +6,23 @@ Everything lands under --runs (default runs/demo), one folder per model (runs/de
 results also go to <runs>/demo_results.json.
 
 `benchmarks/results.py` (`make results`) builds on the functions here (`run_demos`).
+
+    python -m benchmarks.demo            # `make demo`, from the repository's root
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from adaptive_vit.cli import AdaptiveViTCLI, main
 
-from adaptive_vit.cli import AdaptiveViTCLI, main  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # (name, config, needs the static model's checkpoint as init_from)
 DEMOS = [

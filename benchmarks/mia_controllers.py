@@ -28,8 +28,8 @@ over 128 MB, more than DeiT-S's 84 MB of weights (cold caches), next to its time
 the model (all on with controllers minus blocks alone, over the depth). It shows how much of a
 controller's time is its weights and code coming back from memory after the backbone evicted them.
 
-    python benchmarks/mia_controllers.py                       # DeiT-S, batch 1, random weights
-    python benchmarks/mia_controllers.py --batch_size 64 --repeats 5 --output mia_controllers.json
+    python -m benchmarks.mia_controllers                       # DeiT-S, batch 1, random weights
+    python -m benchmarks.mia_controllers --batch_size 64 --repeats 5 --output mia_controllers.json
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,14 +47,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from adaptive_vit.backbones import vit_dims  # noqa: E402
-from adaptive_vit.flops import vit_flops  # noqa: E402
-from adaptive_vit.methods.mia.model import Decisions, MIAFormer  # noqa: E402
-from adaptive_vit.runtime import keep_freed_memory  # noqa: E402
-from adaptive_vit.trainer import benchmark_row, print_table, time_turns  # noqa: E402
+from adaptive_vit.backbones import vit_dims
+from adaptive_vit.flops import vit_flops
+from adaptive_vit.methods.mia.model import Decisions, MIAFormer
+from adaptive_vit.runtime import keep_freed_memory
+from adaptive_vit.trainer import benchmark_row, print_table, time_turns
 
 
 def blocks_alone_gflops(net: MIAFormer, decisions: Decisions) -> float:

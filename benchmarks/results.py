@@ -16,8 +16,8 @@ so each row has a measured speedup beside its FLOPs reduction.
 Writes into --out (default results/): demo.json, demo.csv, accuracy_vs_gflops.png, exits.png,
 mia_skipping.png and README_table.md (the README's table, with the command, date and commit).
 
-    python benchmarks/results.py                 # `make results`: ~20-30 min on 2 quiet CPU cores
-    python benchmarks/results.py --quick         # 1 short epoch each, 2 test batches: a smoke run
+    python -m benchmarks.results                 # `make results`: ~20-30 min on 2 quiet CPU cores
+    python -m benchmarks.results --quick         # 1 short epoch each, 2 test batches: a smoke run
 """
 
 from __future__ import annotations
@@ -38,15 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from demo import REPO, DemoRun, run_demos  # noqa: E402
-
-from adaptive_vit.callbacks import RobustnessEvaluation  # noqa: E402
-from adaptive_vit.callbacks.calibration import json_safe  # noqa: E402
-from adaptive_vit.callbacks.calibration import write_csv as calibration_csv  # noqa: E402
-from adaptive_vit.methods.network import AdaptiveNetwork  # noqa: E402
-from adaptive_vit.trainer import benchmark_row, time_turns  # noqa: E402
+from adaptive_vit import reports
+from adaptive_vit.callbacks import RobustnessEvaluation
+from adaptive_vit.methods.network import AdaptiveNetwork
+from adaptive_vit.trainer import benchmark_row, time_turns
+from benchmarks.demo import REPO, DemoRun, run_demos
 
 BATCH = 64  # batch size of the throughput figures
 
@@ -262,7 +258,7 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    calibration_csv(path, [flat_row(r) for r in rows])
+    reports.write_csv(path, [flat_row(r) for r in rows])
 
 
 def _pct(value: float | None) -> str:
@@ -375,7 +371,7 @@ def plot_skipping(path: Path, ratios: dict[str, list[float]], title: str) -> Non
 def write_outputs(out: Path, report: dict[str, Any]) -> str:
     """demo.json, demo.csv, README_table.md and the figures; returns the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.json").write_text(json.dumps(json_safe(report), indent=2))
+    (out / "demo.json").write_text(json.dumps(reports.json_safe(report), indent=2))
     write_csv(out / "demo.csv", report["rows"])
     table = markdown_table(report)
     (out / "README_table.md").write_text(table)
@@ -402,7 +398,7 @@ def provenance(argv: Sequence[str]) -> dict[str, Any]:
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
-    return {"command": shlex.join(["python", "benchmarks/results.py", *argv]),
+    return {"command": shlex.join(["python", "-m", "benchmarks.results", *argv]),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": commit, "threads": torch.get_num_threads(), "torch": torch.__version__}
 

@@ -418,7 +418,7 @@ def test_fit_then_test_on_demo_data_with_thresholds_by_hand(run_cli) -> None:  #
     run_cli("fit", "--config", config, *FAST_TRAINER, *tiny, "--model.init_args.thresholds", "[0.0]")
     ckpt = Path("runs/demo_cfvit/version_0/checkpoints/last.ckpt")
     check(run_cli("test", "--config", config, *FAST_TRAINER, *tiny, "--ckpt_path", str(ckpt)), 1.0, costs[0])
-    # η > 1 given by hand at test: everything goes on to the fine stage
+    # η = inf given by hand at test: everything goes on to the fine stage
     cli = run_cli("test", "--config", config, *FAST_TRAINER, *tiny, "--ckpt_path", str(ckpt),
                   "--model.init_args.thresholds", "[.inf]")
     check(cli, 0.0, costs[1])

@@ -18,7 +18,8 @@ from adaptive_vit.methods.dvt import kernel
 from adaptive_vit.methods.dvt.convert import AUTHORS_EXITS, convert_authors_checkpoint
 from adaptive_vit.methods.dvt.lit import DVTLitModule
 from adaptive_vit.methods.dvt.model import DVT, Handoff, build_tokenized_vit, split_thresholds
-from adaptive_vit.methods.dvt.reuse import FeatureReuse, RelationReuse, resize_grid, resize_keys, resize_queries
+from adaptive_vit.methods.dvt.resize import resize_grid, resize_keys, resize_queries, resize_relation, resize_taps
+from adaptive_vit.methods.dvt.reuse import FeatureReuse, RelationReuse
 from conftest import FAST_TRAINER, REPO
 
 # The DVT authors' DeiT-S key layout (a copy of shared/reference/dvt_deit_small_authors_keys.json).
@@ -82,11 +83,11 @@ def test_compiled_relation_resize_equals_the_matmul_resize(grid: int, size: int)
     n = 1 + grid * grid
     relation = torch.randn(3, 8, n, n)[:, 2:4]  # one layer's slice of a (B, H·L, n, n) stack
     expected = resize_queries(resize_keys(relation, grid, size), grid, size)
-    torch.testing.assert_close(kernel.resize_relation(relation, grid, size), expected)
+    torch.testing.assert_close(resize_relation(relation, grid, size), expected)
     for dtype in (torch.float64, torch.bfloat16, torch.float16):  # computed in double / float, stored once
         stored = relation.to(dtype)
         exact = stored.to(torch.float64 if dtype == torch.float64 else torch.float32)
-        out = kernel.resize_relation(stored, grid, size)
+        out = resize_relation(stored, grid, size)
         assert out.dtype == dtype
         torch.testing.assert_close(out, resize_queries(resize_keys(exact, grid, size), grid, size).to(dtype))
 
@@ -106,15 +107,15 @@ def test_relation_resize_falls_back_to_the_matmuls_and_says_how_to_build(monkeyp
         assert kernel.cpu_kernel.__wrapped__() is None  # switched off: not built, no warning
     monkeypatch.setattr(kernel, "cpu_kernel", lambda: None)
     relation = torch.randn(2, 2, 17, 17)
-    torch.testing.assert_close(kernel.resize_relation(relation, 4, 6),
+    torch.testing.assert_close(resize_relation(relation, 4, 6),
                                resize_queries(resize_keys(relation, 4, 6), 4, 6))
 
 
 def test_resize_taps_reject_a_resize_with_more_than_two_inputs() -> None:
-    taps, weights = kernel.resize_taps(2, 3)  # Figure 5: [x0, (x0+x1)/2, x1]
+    taps, weights = resize_taps(2, 3)  # Figure 5: [x0, (x0+x1)/2, x1]
     assert taps.tolist() == [[0, 0], [0, 1], [1, 1]] and weights.tolist() == [[1, 0], [0.5, 0.5], [1, 0]]
     with pytest.raises(ValueError, match="at most two"):
-        kernel.resize_taps(14, 5)
+        resize_taps(14, 5)
 
 
 def test_relation_reuse_is_the_shared_mlp_then_the_resize_split_per_layer() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from adaptive_vit.methods.mia.controller import RowConv3x3
 from adaptive_vit.methods.mia.cost import controller_flops
 from adaptive_vit.methods.mia.lit import MIALitModule, PolicyTerm, a2c_losses
 from adaptive_vit.methods.mia.model import Decisions, MIAFormer
+from benchmarks import mia_controllers
 from conftest import FAST_TRAINER, REPO
 
 TINY = dict(img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=4, num_heads=4)
@@ -381,16 +381,7 @@ def test_cli_flops_json(run_cli, capsys):
     assert report["static_gflops"] < report["exits"][0]["cumulative_gflops"] <= 1.05 * report["static_gflops"]
 
 
-def controllers_script():
-    """`benchmarks/mia_controllers.py` as a module."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import mia_controllers
-
-    return mia_controllers
-
-
 def test_controllers_benchmark_times_every_pattern_with_and_without_controllers():
-    mia_controllers = controllers_script()
     net = tiny()
     rows = {r["mode"]: r for r in mia_controllers.measure(net, batch_size=2, repeats=1, warmup=0)}
     patterns = list(net.fixed_patterns(2))
@@ -416,7 +407,6 @@ def test_controllers_benchmark_times_every_pattern_with_and_without_controllers(
 
 
 def test_efficiency_at_flops_share_on_constructed_rows():
-    mia_controllers = controllers_script()
     # static: 100 ms for 4 GFLOPs; blocks alone 40 ms for 1.5 GFLOPs, controllers 0.5 GFLOPs →
     # 12.5 ms at the static rate; the pattern (2 GFLOPs, 2x fewer) would take 52.5 ms: 1.905x
     static = {"latency_ms": 100.0, "gflops": 4.0}
@@ -426,7 +416,6 @@ def test_efficiency_at_flops_share_on_constructed_rows():
 
 
 def test_time_after_times_only_the_run_right_after_each_context():
-    mia_controllers = controllers_script()
     log = []
     contexts = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
     times = mia_controllers.time_after(contexts, lambda: log.append("run"), repeats=3)
@@ -435,7 +424,6 @@ def test_time_after_times_only_the_run_right_after_each_context():
 
 
 def test_controller_in_context_times_the_middle_controller(monkeypatch):
-    mia_controllers = controllers_script()
     net = tiny()
     layers, decide = [], net._decide_sliced
 

@@ -15,11 +15,7 @@ import torch
 from adaptive_vit.backbones import BackboneSpec
 from adaptive_vit.methods.cfvit.lit import CFViTLitModule
 from adaptive_vit.trainer import time_turns
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import results  # noqa: E402
+from benchmarks import results
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +102,7 @@ def synthetic_report() -> dict:
         _row("mia", "operating point", "operating point", 0.54, 0.0037, None),
     ]
     return {
-        "provenance": {"command": "python benchmarks/results.py", "date": "2026-11-22 06:00 UTC",
+        "provenance": {"command": "python -m benchmarks.results", "date": "2026-11-22 06:00 UTC",
                        "commit": "abc1234", "threads": 2, "torch": "2", "total_minutes": 30.0},
         "quick": False, "repeats": 5, "batch_size": 64, "test_images": 500, "static_val_top1": 0.74,
         "chosen": {"static": "static", "dvt": results.matching_static(rows[1:-1], 0.74)["budget"],

@@ -18,7 +18,6 @@ says so once and does nothing.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import math
@@ -32,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from adaptive_vit.budget import BudgetResult, budget_curve, evaluate_thresholds, solve_accuracy
+from adaptive_vit.reports import json_safe, write_csv
 
 
 class ThresholdCalibration(Callback):
@@ -313,26 +313,6 @@ def _row(name: str, kind: str, target: float, result: BudgetResult) -> dict[str,
         "thresholds": " ".join(f"{t:.6g}" for t in result.thresholds),
         **{f"fraction_exit{k}": f for k, f in enumerate(result.exit_fractions)},
     }
-
-
-def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
-    """Rows of dicts as CSV, the columns in first-seen order."""
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with non-finite floats as None (strict JSON), through dicts and lists."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def _exit_points(correct: Tensor, exit_gflops: Sequence[float], exit_names: Sequence[str]) -> list[tuple[str, float, float]]:

@@ -7,16 +7,10 @@
   upstream's pre-softmax logits of all its layers, resized to the downstream token count and
   split into one additive attention term per downstream layer (`RelationReuse`).
 
-Both resize a token grid the paper's way (Figure 5): nearest ×2 upsampling, then adaptive average
-pooling to the target grid (naive upsampling hurts, paper Table 8). Both steps act on each axis
-of a map independently, so the 2-D resize of a map X is Mᵀ·X·M with M the (g, s) matrix of the
-1-D resize (`resize_matrix`). The tokens and, when training, the relations are resized that way:
-the same numbers as interpolate + pool, but on attention-sized tensors two small matmuls run
-about 7× faster on CPU than `F.interpolate` + `F.adaptive_avg_pool2d`. At inference the relations
-go through one op instead (`kernel.resize_relation`: a compiled CPU kernel, 3× faster again).
-
-FLOPs count what runs at inference (so analytic costs equal fvcore's): g·g·s + g·s·s
-multiply-adds per resized g×g token map, and `kernel.resize_relation_flops` for the relations.
+Both resize a token grid the paper's way (Figure 5: nearest ×2 upsampling, then adaptive average
+pooling), the tokens with `resize.resize_tokens` and the relations with `resize.resize_relation`
+(matmuls while training, one op with a compiled CPU kernel at inference); their FLOPs are
+`resize.resize_flops` and `resize.resize_relation_flops`.
 """
 
 from __future__ import annotations
@@ -24,100 +18,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
 
 from adaptive_vit.backbones import Block, Tap
-from adaptive_vit.methods.dvt.kernel import resize_relation, resize_relation_flops
 from adaptive_vit.flops import norm_flops
-
-
-def resize_matrix(grid: int, size: int, like: Tensor | None = None) -> Tensor:
-    """The 1-D Figure-5 resize (nearest ×2, adaptive average pooling) as a (grid, size) matrix M:
-    a signal x of length `grid` resizes to x @ M. Built by resizing the unit signals.
-
-    Args:
-        grid: input length.
-        size: output length.
-        like: a tensor whose device and dtype M takes (default: CPU float32).
-    """
-    unit = torch.eye(grid, dtype=torch.float32, device=None if like is None else like.device)[:, None]  # (g, 1, g)
-    matrix = F.adaptive_avg_pool1d(F.interpolate(unit, scale_factor=2, mode="nearest"), size)[:, 0]
-    return matrix if like is None else matrix.to(like.dtype)
-
-
-def resize_grid(x: Tensor, size: int) -> Tensor:
-    """Resize square maps to `size`×`size`: nearest ×2 upsampling, then adaptive average pooling.
-
-    Args:
-        x: (..., g, g).
-        size: target side.
-    Returns:
-        (..., size, size).
-    """
-    m = resize_matrix(x.shape[-1], size, like=x)  # (g, s)
-    return torch.matmul(m.T, x @ m)
-
-
-def resize_flops(maps: int, grid: int, size: int) -> float:
-    """Multiply-adds of `resize_grid` on `maps` maps of `grid`×`grid` to `size`×`size`."""
-    return maps * (grid * grid * size + grid * size * size)
-
-
-def resize_tokens(tokens: Tensor, grid: int, size: int) -> Tensor:
-    """Resize patch tokens laid out row-major on a `grid`×`grid` map to `size`×`size`.
-
-    Args:
-        tokens: (..., grid², C).
-        grid: side of the input grid.
-        size: side of the output grid.
-    Returns:
-        (..., size², C).
-    """
-    *lead, n, c = tokens.shape
-    if n != grid * grid:
-        raise ValueError(f"{n} tokens do not form a {grid}x{grid} grid")
-    maps = tokens.transpose(-1, -2).reshape(*lead, c, grid, grid)
-    return resize_grid(maps, size).reshape(*lead, c, size * size).transpose(-1, -2)
-
-
-def resize_keys(logits: Tensor, grid: int, size: int) -> Tensor:
-    """Resize the patch keys (last axis) of attention logits; the cls key column is kept as is.
-
-    Args:
-        logits: (..., Q, 1 + grid²).
-    Returns:
-        (..., Q, 1 + size²).
-    """
-    *lead, queries, _ = logits.shape
-    out = logits.new_empty(*lead, queries, 1 + size * size)
-    out[..., 0] = logits[..., 0]
-    # every query row is one (g, g) map: a batch of them with stride 1 + g² (a view when the
-    # leading axes are contiguous, as the relations are: no copy of the input)
-    patches = logits[..., 1:].unflatten(-1, (grid, grid)).flatten(0, -3)  # (…·Q, g, g)
-    out[..., 1:] = resize_grid(patches, size).view(*lead, queries, size * size)
-    return out
-
-
-def resize_queries(logits: Tensor, grid: int, size: int) -> Tensor:
-    """Resize the patch queries (second-to-last axis); the cls query row is kept as is.
-
-    Args:
-        logits: (..., 1 + grid², K).
-    Returns:
-        (..., 1 + size², K).
-    """
-    *lead, _, keys = logits.shape
-    m = resize_matrix(grid, size, like=logits)  # (g, s)
-    out = logits.new_empty(*lead, 1 + size * size, keys)
-    out[..., 0, :] = logits[..., 0, :]
-    # the patch rows as (g grid rows, g·K): a view (no copy) when the leading axes are contiguous
-    patches = logits[..., 1:, :].unflatten(-2, (grid, grid)).flatten(-2).flatten(0, -3)  # (…, g, g·K)
-    rows = torch.matmul(m.T, patches)  # along the grid's rows: (…, s, g·K)
-    columns = torch.matmul(m.T, rows.view(-1, grid, keys))  # along its columns: (…·s, s, K)
-    out[..., 1:, :] = columns.view(*lead, size * size, keys)
-    return out
+from adaptive_vit.methods.dvt.resize import resize_flops, resize_relation, resize_relation_flops, resize_tokens
 
 
 class FeatureReuse(nn.Module):

@@ -218,6 +218,44 @@ class MIAController(nn.Module):
             f = torch.cat([f, f.mean(dim=1, keepdim=True).expand_as(f)], dim=-1)
         return f
 
+    def decide_sliced(self, x: Tensor, executed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Argmax decisions for the sliced inference path: the head and token branches run on the
+        images that execute the block only.
+
+        Few kernels on purpose (at batch 1 a controller's time is its kernel count): decisions
+        straight from argmax (ties skip, as `decide`), no indexing when every image executes.
+
+        Args:
+            x: block input (B, 1+N, D).
+            executed: (B,) bool, which images execute the block, in place of the block decision
+                (an override: the block branch still runs).
+
+        Returns:
+            (B,) executed, (G,) indices of the executing images, their (G, H) heads and (G, N)
+            tokens to keep (bool).
+        """
+        B = x.shape[0]
+        f_b = self.features(x) if hasattr(self, "cnn") else None
+        if self.skip_blocks:
+            b = self.block_logits(f_b).argmax(-1).bool()
+        else:
+            b = torch.ones(B, dtype=torch.bool, device=x.device)
+        if executed is not None:
+            b = executed
+        samples = b.nonzero()[:, 0]
+        G = samples.numel()
+        everyone = G == B
+        if self.skip_heads and G:
+            f_g = f_b if everyone else f_b[samples]
+            h = self.fc_h2(self.head_features(f_g)).argmax(-1).bool()
+        else:
+            h = torch.ones(G, self.num_heads, dtype=torch.bool, device=x.device)
+        if self.skip_tokens and G:
+            n = self.fc_n(self.token_features(x if everyone else x[samples])).argmax(-1).bool()
+        else:
+            n = torch.ones(G, self.grid[0] * self.grid[1], dtype=torch.bool, device=x.device)
+        return b, samples, h, n
+
     def forward(self, x: Tensor, with_values: bool = False) -> ControllerOutput:
         """All enabled branches on every sample (the masked training path).
 

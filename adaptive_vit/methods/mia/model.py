@@ -187,34 +187,13 @@ class MIAFormer(AdaptiveNetwork):
 
     def _decide_sliced(self, controller: MIAController, x: Tensor, l: int,
                        override: Decisions | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Argmax decisions of block l: (B,) executed, (G,) executing images, their (G, H) heads
-        and (G, N) tokens (bool); head and token branches run on the executing images only.
-        Few kernels on purpose (at batch 1 a controller's time is its kernel count): decisions
-        straight from argmax (ties skip, as `decide`), no indexing when every image executes."""
-        B = x.shape[0]
-        H, N = self.dims["num_heads"], self.dims["num_patches"]
-        f_b = controller.features(x) if hasattr(controller, "cnn") else None
-        if controller.skip_blocks:
-            b = controller.block_logits(f_b).argmax(-1).bool()
-        else:
-            b = torch.ones(B, dtype=torch.bool, device=x.device)
-        if override is not None:
-            b = override.blocks[:, l].bool()
-        samples = b.nonzero()[:, 0]
-        G = samples.numel()
-        everyone = G == B
-        if controller.skip_heads and G:
-            f_g = f_b if everyone else f_b[samples]
-            h = controller.fc_h2(controller.head_features(f_g)).argmax(-1).bool()
-        else:
-            h = torch.ones(G, H, dtype=torch.bool, device=x.device)
-        if controller.skip_tokens and G:
-            n = controller.fc_n(controller.token_features(x if everyone else x[samples])).argmax(-1).bool()
-        else:
-            n = torch.ones(G, N, dtype=torch.bool, device=x.device)
-        if override is not None:
-            h, n = override.heads[samples, l].bool(), override.tokens[samples, l].bool()
-        return b, samples, h, n
+        """Block l's decisions on the sliced path (`MIAController.decide_sliced`): (B,) executed,
+        (G,) executing images, their (G, H) heads and (G, N) tokens (bool), `override`'s if given
+        (the controller still runs)."""
+        if override is None:
+            return controller.decide_sliced(x)
+        b, samples, _, _ = controller.decide_sliced(x, executed=override.blocks[:, l].bool())
+        return b, samples, override.heads[samples, l].bool(), override.tokens[samples, l].bool()
 
     # ------------------------------------------------------------------ the contract
 
