@@ -13,8 +13,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from PIL import Image
 
-from adaptive_vit import data
 from adaptive_vit.data import DATASETS, ImageDataModule, UnreadableImageWarning
+from adaptive_vit.data.cifar import Cifar10Source
 
 CLASSES = ("cat", "dog", "fox")
 IMG = 16
@@ -181,7 +181,7 @@ class FakeCIFAR10(torch.utils.data.Dataset):
 
 @pytest.fixture
 def fake_cifar(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(data._CIFAR, "cifar10", FakeCIFAR10)
+    monkeypatch.setattr(Cifar10Source, "dataset_class", FakeCIFAR10)
 
 
 @pytest.mark.usefixtures("fake_cifar")
