@@ -376,3 +376,33 @@ def test_folder_val_split_holds_out_part_of_train(tmp_path) -> None:
     assert not train_files & val_files and all("/train/" in f for f in val_files)
     assert sorted(val.dataset.targets[i] for i in val.indices) == [0, 0, 1, 1, 2, 2]
     assert all("/val/" in path for path, _ in test.samples)
+
+
+# ---------------------------------------------------------------- image files
+
+
+def eval_image(dm: ImageDataModule, path: Path) -> torch.Tensor:
+    """The validation tensor of the image file ``path``."""
+    dm.setup("validate")
+    dataset = split_dataset(dm, "val")
+    return dataset[[p for p, _ in dataset.samples].index(str(path))][0]
+
+
+def test_16_bit_png_is_scaled_not_saturated(tree: Path) -> None:
+    """A 16-bit grayscale PNG (mode I;16) keeps its contrast: 65535 maps to 255, not every value
+    above 255."""
+    values = np.linspace(0, 50_000, IMG * IMG).reshape(IMG, IMG).astype(np.uint16)
+    path = tree / "val" / "cat" / "deep.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "I;16"
+    image = eval_image(folder_dm(tree, crop_pct=1.0, mean=(0, 0, 0), std=(1, 1, 1)), path)
+    assert image.shape == (3, IMG, IMG)
+    assert abs(image.mean().item() * 255 - values.mean() / 257) < 1  # about 97, not 255
+
+
+def test_image_mode_without_a_known_range_is_named(tree: Path) -> None:
+    """A float image has no known value range: it is reported as unreadable, with its mode."""
+    path = tree / "val" / "cat" / "float.tif"
+    Image.fromarray(np.full((IMG, IMG), 0.5, dtype=np.float32)).save(path)
+    with pytest.warns(UnreadableImageWarning, match=re.escape(str(path)) + ".*mode F"):
+        eval_image(folder_dm(tree), path)
