@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from PIL import Image
 
+from adaptive_vit import data
 from adaptive_vit.data import DATASETS, ImageDataModule, UnreadableImageWarning
 from adaptive_vit.data.cifar import Cifar10Source
 
@@ -406,3 +407,23 @@ def test_image_mode_without_a_known_range_is_named(tree: Path) -> None:
     Image.fromarray(np.full((IMG, IMG), 0.5, dtype=np.float32)).save(path)
     with pytest.warns(UnreadableImageWarning, match=re.escape(str(path)) + ".*mode F"):
         eval_image(folder_dm(tree), path)
+
+
+def test_files_not_taken_are_counted_with_reasons(tree: Path) -> None:
+    """Every extension Pillow opens is an image (a .gif too); the other files of a split are
+    counted in one warning, with examples, instead of vanishing."""
+    cat = tree / "train" / "cat"
+    Image.new("P", (20, 24), 3).save(cat / "anim.gif")
+    Image.new("RGB", (20, 24)).save(cat / "scan", format="PNG")  # an image without an extension
+    (cat / "notes.txt").write_text("not an image")
+    with warnings.catch_warnings(record=True) as reported:
+        warnings.simplefilter("always")
+        dm = folder_dm(tree)
+        dm.setup("fit")
+    taken = [Path(path).name for path, _ in split_dataset(dm, "train").samples]
+    assert "anim.gif" in taken and len(taken) == 3 * 6 + 1
+    (warning,) = [w for w in reported if "not taken" in str(w.message)]
+    message = str(warning.message)
+    assert warning.category is data.SkippedFilesWarning
+    assert message.startswith(f"{tree / 'train'}: 2 file(s) not taken as images")
+    assert "1 without an extension (cat/scan)" in message and "1 '.txt' (cat/notes.txt)" in message

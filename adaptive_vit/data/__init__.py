@@ -14,9 +14,12 @@ in :mod:`~adaptive_vit.data.sampler`.
 """
 
 from adaptive_vit.data.datamodule import ImageDataModule
-from adaptive_vit.data.images import UnreadableImageWarning
+from adaptive_vit.data.images import SkippedFilesWarning, UnreadableImageWarning
 from adaptive_vit.data.registry import DATASETS, SOURCES
 from adaptive_vit.data.sampler import ResumableSampler
 from adaptive_vit.data.source import DataSource
 
-__all__ = ["DATASETS", "SOURCES", "DataSource", "ImageDataModule", "ResumableSampler", "UnreadableImageWarning"]
+__all__ = [
+    "DATASETS", "SOURCES", "DataSource", "ImageDataModule", "ResumableSampler", "SkippedFilesWarning",
+    "UnreadableImageWarning",
+]

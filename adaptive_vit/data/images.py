@@ -1,5 +1,9 @@
 """Image files in class folders: finding them, decoding them, and what happens when one fails.
 
+A file is taken as an image when Pillow opens files with its extension
+(:data:`IMAGE_EXTENSIONS`, from ``PIL.Image.registered_extensions()``): opening 1.28 M ImageNet
+files at start-up to look would be too slow. The other files of a split (no extension, ``.txt``
+...) are counted in one :class:`SkippedFilesWarning` with a few examples, never dropped silently.
 Every image is decoded to 8-bit RGB (:func:`load_rgb`): 16-bit grayscale (PNG, TIFF) is scaled
 to 8 bit; a mode with no known value range (32-bit integer or float) is not guessed at.
 An image that fails to decode is reported once (per process) with an
@@ -8,16 +12,21 @@ An image that fails to decode is reported once (per process) with an
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.datasets import ImageFolder
+from torch.utils.data import Dataset
 
 from adaptive_vit.data.source import Transform
 
+# the extensions of the formats Pillow can open (not those it can only write, such as .pdf)
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+_EXAMPLES = 3  # example paths per reason in a SkippedFilesWarning
 _MAX_SUBSTITUTES = 32  # consecutive unreadable files tolerated before giving up
 _16_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})  # unsigned 16-bit grayscale
 # modes Pillow converts to RGB without losing their meaning (8 bits a channel, or fewer)
@@ -27,6 +36,10 @@ _8_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa"
 
 class UnreadableImageWarning(UserWarning):
     """An image file could not be decoded."""
+
+
+class SkippedFilesWarning(UserWarning):
+    """Files in a split's class folders that were not taken as images."""
 
 
 class ImageModeError(ValueError):
@@ -67,11 +80,63 @@ def class_dirs(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-class ClassFolderImages(ImageFolder):
-    """An :class:`ImageFolder` with a fixed class list that skips unreadable images.
+def find_images(split_dir: Path, classes: list[str]) -> tuple[list[tuple[str, int]], list[str]]:
+    """The image files under each class folder of ``split_dir``, and the other files.
 
-    ``classes`` fixes the label of every class folder, so all splits share one mapping. An
-    image that fails to decode is reported once (per process) and replaced by the next sample.
+    Sub-folders of a class folder are searched too (links followed), in sorted order.
+
+    Args:
+        split_dir: the folder of one split.
+        classes: the class folder names, in label order.
+
+    Returns:
+        ``(path, label)`` of every file with an extension in :data:`IMAGE_EXTENSIONS`, and the
+        paths of all other files.
+    """
+    images, others = [], []
+    for label, name in enumerate(classes):
+        for folder, _, files in sorted(os.walk(split_dir / name, followlinks=True)):
+            for file in sorted(files):
+                path = os.path.join(folder, file)
+                if os.path.splitext(file)[1].lower() in IMAGE_EXTENSIONS:
+                    images.append((path, label))
+                else:
+                    others.append(path)
+    return images, others
+
+
+def report_skipped(split_dir: Path, paths: list[str]) -> None:
+    """One :class:`SkippedFilesWarning` counting the files of a split not taken, by extension.
+
+    Args:
+        split_dir: the folder of the split.
+        paths: the files not taken.
+    """
+    if not paths:
+        return
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for path in paths:
+        suffix = os.path.splitext(path)[1].lower()
+        by_reason[f"{suffix!r}" if suffix else "without an extension"].append(path)
+    reasons = [
+        f"{len(group)} {reason} ({', '.join(os.path.relpath(p, split_dir) for p in group[:_EXAMPLES])}"
+        f"{', ...' if len(group) > _EXAMPLES else ''})"
+        for reason, group in sorted(by_reason.items(), key=lambda item: -len(item[1]))
+    ]
+    warnings.warn(
+        f"{split_dir}: {len(paths)} file(s) not taken as images, as Pillow opens no file with their "
+        f"extension: {'; '.join(reasons)}. Give the images among them an image extension (.png, .jpg, ...).",
+        SkippedFilesWarning,
+        stacklevel=3,
+    )
+
+
+class ClassFolderImages(Dataset):
+    """The image files of one split's class folders, with a fixed class list.
+
+    ``classes`` fixes the label of every class folder, so all splits share one mapping. The
+    files that are not taken as images are reported (:func:`report_skipped`). An image that
+    fails to decode is reported once (per process) and replaced by the next sample.
 
     Args:
         root: the split's folder, holding one sub-folder per class.
@@ -80,18 +145,22 @@ class ClassFolderImages(ImageFolder):
     """
 
     def __init__(self, root: Path, classes: list[str], transform: Transform) -> None:
-        self._fixed_classes = classes
+        self.root = str(root)
+        self.classes = classes
+        self.transform = transform
+        self.samples, skipped = find_images(root, classes)
+        self.targets = [label for _, label in self.samples]
         self._reported: set[str] = set()
-        super().__init__(str(root), transform=transform, loader=load_rgb, allow_empty=True)
+        report_skipped(root, skipped)
 
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        return self._fixed_classes, {name: i for i, name in enumerate(self._fixed_classes)}
+    def __len__(self) -> int:
+        return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         for offset in range(_MAX_SUBSTITUTES):
             path, target = self.samples[(index + offset) % len(self.samples)]
             try:
-                image = self.loader(path)
+                image = load_rgb(path)
             except (OSError, ImageModeError) as error:
                 self._report_unreadable(path, error)
                 continue
