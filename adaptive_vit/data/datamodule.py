@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from timm.data import Mixup, create_transform
+from PIL import Image
+from timm.data import Mixup, auto_augment, create_transform
 from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -50,6 +51,31 @@ def _smooth_labels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Label smoothing without mixing: integer labels -> smoothed one-hot soft targets."""
     return images, mixup_target(targets, num_classes, smoothing=smoothing)
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize, keeping 0 bits giving a black image (as Pillow < 13 did, not an error)."""
+    if bits_to_keep < 1:
+        return Image.new(image.mode, image.size)
+    return auto_augment.posterize(image, bits_to_keep, **kwargs)
+
+
+def _allow_zero_bit_posterize(transform: Any) -> Any:
+    """``transform`` with its AutoAugment/RandAugment/AugMix posterize ops using :func:`_posterize`.
+
+    timm's ``Posterize`` and ``PosterizeIncreasing`` keep 0 bits at the ends of the magnitude
+    range (magnitude 10 is reached by the ``mstd`` noise of the default ``rand-m9-mstd0.5-inc1``
+    in about one training image in 700), and Pillow 13 refuses 0 bits with a ValueError.
+
+    Args:
+        transform: a timm training transform (a ``Compose``).
+    """
+    for step in transform.transforms:
+        ops = getattr(step, "ops", None) or [op for sub in getattr(step, "policy", ()) for op in sub]
+        for op in ops:
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = _posterize
+    return transform
 
 
 class ImageDataModule(LightningDataModule):
@@ -154,7 +180,7 @@ class ImageDataModule(LightningDataModule):
         self._resume: dict[str, int] = {}
         self._num_classes = self.source.num_classes
 
-        self.train_transform = create_transform(
+        self.train_transform = _allow_zero_bit_posterize(create_transform(
             input_size=img_size,
             is_training=True,
             scale=scale or self.source.train_scale,
@@ -166,7 +192,7 @@ class ImageDataModule(LightningDataModule):
             re_mode="pixel",
             mean=self._mean,
             std=self._std,
-        )
+        ))
         self.eval_transform = create_transform(
             input_size=img_size,
             is_training=False,
