@@ -113,7 +113,8 @@ def test_corrupt_image_is_reported_and_skipped(tree: Path) -> None:
     dm.setup("fit")
     dataset = dm.train_dataloader().dataset
     index = [path for path, _ in dataset.samples].index(str(bad))
-    with pytest.warns(UnreadableImageWarning, match=re.escape(str(bad))):
+    with pytest.warns(UnreadableImageWarning, match="training takes the next readable image in place"), \
+            pytest.warns(UnreadableImageWarning, match=re.escape(str(bad))):
         image, label = dataset[index]
     assert image.shape == (3, IMG, IMG) and label == CLASSES.index("dog")
     with warnings.catch_warnings(record=True) as reported:  # once per file, not per read
@@ -122,6 +123,54 @@ def test_corrupt_image_is_reported_and_skipped(tree: Path) -> None:
         batches = list(dm.train_dataloader())
     assert not [w for w in reported if issubclass(w.category, UnreadableImageWarning)]
     assert sum(len(labels) for _, labels in batches) == 18
+
+
+def unreadable_test_split(root: Path) -> Path:
+    """A tree whose test split has 7 readable images and 5 empty files, in batches of 4:
+    [3 digit_0 + zero_bytes.png], [4 unreadable digit_1], [4 digit_1]."""
+    for split in ("train", "val", "test"):
+        for digit in (0, 1):
+            make_images(root / split / f"digit_{digit}", 3 + digit, seed=digit)
+    (root / "test/digit_0/zero_bytes.png").write_bytes(b"")
+    for i in range(4):
+        (root / f"test/digit_1/bad_{i}.png").write_bytes(b"")
+    return root
+
+
+class _RecordLabels(LightningModule):
+    """Keeps the labels of every test batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[int]] = []
+
+    def test_step(self, batch, batch_idx):
+        self.batches.append(batch[1].tolist())
+
+
+def test_evaluation_leaves_unreadable_images_out(tmp_path: Path) -> None:
+    """An unreadable test image is skipped, with its path in a warning, and never replaced by the
+    next sample (which may be of the next class); a batch of nothing but unreadable images is not
+    given to the step."""
+    root = unreadable_test_split(tmp_path)
+    model = _RecordLabels()
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UnreadableImageWarning) as reported:
+        trainer.test(model, datamodule=folder_dm(root))
+    assert model.batches == [[0, 0, 0], [1, 1, 1, 1]]
+    assert any(str(root / "test/digit_0/zero_bytes.png") in str(w.message) for w in reported)
+
+
+def test_each_ddp_rank_counts_only_the_images_it_read(tmp_path: Path) -> None:
+    dm = folder_dm(unreadable_test_split(tmp_path))
+    dm.setup("test")
+    labels = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableImageWarning)
+        for rank in (0, 1):
+            dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+            labels += [label for _, batch in dm.test_dataloader() for label in batch.tolist()]
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1, 1]
 
 
 # ---------------------------------------------------------------- demo digits
@@ -393,11 +442,11 @@ def test_folder_val_split_holds_out_part_of_train(tmp_path) -> None:
 # ---------------------------------------------------------------- image files
 
 
-def eval_image(dm: ImageDataModule, path: Path) -> torch.Tensor:
-    """The validation tensor of the image file ``path``."""
+def eval_sample(dm: ImageDataModule, path: Path) -> tuple[torch.Tensor, int] | None:
+    """The validation sample of the image file ``path`` (``None`` if unreadable)."""
     dm.setup("validate")
     dataset = split_dataset(dm, "val")
-    return dataset[[p for p, _ in dataset.samples].index(str(path))][0]
+    return dataset[[p for p, _ in dataset.samples].index(str(path))]
 
 
 def test_16_bit_png_is_scaled_not_saturated(tree: Path) -> None:
@@ -407,7 +456,7 @@ def test_16_bit_png_is_scaled_not_saturated(tree: Path) -> None:
     path = tree / "val" / "cat" / "deep.png"
     Image.fromarray(values).save(path)
     assert Image.open(path).mode == "I;16"
-    image = eval_image(folder_dm(tree, crop_pct=1.0, mean=(0, 0, 0), std=(1, 1, 1)), path)
+    image, _ = eval_sample(folder_dm(tree, crop_pct=1.0, mean=(0, 0, 0), std=(1, 1, 1)), path)
     assert image.shape == (3, IMG, IMG)
     assert abs(image.mean().item() * 255 - values.mean() / 257) < 1  # about 97, not 255
 
@@ -417,7 +466,7 @@ def test_image_mode_without_a_known_range_is_named(tree: Path) -> None:
     path = tree / "val" / "cat" / "float.tif"
     Image.fromarray(np.full((IMG, IMG), 0.5, dtype=np.float32)).save(path)
     with pytest.warns(UnreadableImageWarning, match=re.escape(str(path)) + ".*mode F"):
-        eval_image(folder_dm(tree), path)
+        assert eval_sample(folder_dm(tree), path) is None
 
 
 def test_files_not_taken_are_counted_with_reasons(tree: Path) -> None:

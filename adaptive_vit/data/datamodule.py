@@ -12,6 +12,10 @@ Training randomness is seeded (see :mod:`adaptive_vit.data.sampler`), each batch
 Mixup/CutMix from (seed, epoch, batch): a fit resumed from a mid-epoch checkpoint (whose
 position :meth:`ImageDataModule.state_dict` stores) continues with exactly the batches it would
 have seen.
+
+Unreadable image files do not stop a run, and each is named in a warning: validation, test and
+predict batches leave them out (each process counts exactly the images it read), training
+batches take the next readable image in their place (see :mod:`adaptive_vit.data.images`).
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from timm.data import Mixup, auto_augment, create_transform
 from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from adaptive_vit.data.images import ReadableBatches, collate_readable
 from adaptive_vit.data.registry import source_class
-from adaptive_vit.data.sampler import ResumableSampler, SeededSamples, mix_seeds, seeded
+from adaptive_vit.data.sampler import ResumableSampler, TrainingSamples, mix_seeds, seeded
 from adaptive_vit.data.source import SPLITS, Stats, Transform
 
 _STAGE_SPLITS = {
@@ -245,7 +250,8 @@ class ImageDataModule(LightningDataModule):
         """Build the splits needed by ``stage`` (all splits when ``stage`` is ``None``)."""
         for split in _STAGE_SPLITS[stage] if stage else SPLITS:
             if split not in self._datasets:
-                self._datasets[split] = self.source.build(split, self._transform(split))
+                dataset = self.source.build(split, self._transform(split))
+                self._datasets[split] = TrainingSamples(dataset) if split == "train" else dataset
 
     def train_dataloader(self) -> DataLoader:
         if "train" not in self._datasets:
@@ -262,7 +268,7 @@ class ImageDataModule(LightningDataModule):
             sampler.resume_at(self._resume["epoch"], self._resume["batches"] * self.batch_size)
             self._resume = {}
         # Mixup needs even batches: drop the last, possibly odd, one.
-        return self._make_loader(SeededSamples(self._datasets["train"]), sampler,
+        return self._make_loader(self._datasets["train"], sampler,
                                  drop_last=self.soft_targets, generator=torch.Generator().manual_seed(self._train_seed))
 
     def state_dict(self) -> dict[str, Any]:
@@ -338,19 +344,28 @@ class ImageDataModule(LightningDataModule):
         if split not in self._datasets:
             raise RuntimeError(f"the {split!r} split is not set up; call setup() first")
         dataset = self._datasets[split]
-        return self._make_loader(dataset, self._eval_sampler(dataset, split))
+        # unreadable images are left out, not replaced: each process counts exactly what it read
+        return self._make_loader(dataset, self._eval_sampler(dataset, split), ReadableBatches,
+                                 collate_fn=collate_readable)
 
-    def _make_loader(self, dataset: Dataset, sampler: Sampler | None, drop_last: bool = False,
-                     generator: torch.Generator | None = None) -> DataLoader:
-        return DataLoader(
+    def _make_loader(self, dataset: Dataset, sampler: Sampler | None,
+                     loader_class: type[DataLoader] = DataLoader, **options: Any) -> DataLoader:
+        """A loader of ``dataset`` with this module's batch size and worker settings.
+
+        Args:
+            dataset: the split's dataset.
+            sampler: its sampler (``None``: in order).
+            loader_class: the DataLoader class.
+            options: more DataLoader arguments (``drop_last``, ``collate_fn``...).
+        """
+        return loader_class(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.accelerator.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            generator=generator,
+            **options,
         )
 
     def _eval_sampler(self, dataset: Dataset, split: str) -> Sampler | None:

@@ -7,7 +7,9 @@ files at start-up to look would be too slow. The other files of a split (no exte
 Every image is decoded to 8-bit RGB (:func:`load_rgb`): 16-bit grayscale (PNG, TIFF) is scaled
 to 8 bit; a mode with no known value range (32-bit integer or float) is not guessed at.
 An image that fails to decode is reported once (per process) with an
-:class:`UnreadableImageWarning` naming the file, and the next sample is returned in its place.
+:class:`UnreadableImageWarning` naming the file, and its sample is ``None``: evaluation loaders
+(:class:`ReadableBatches`) leave it out, so that every process counts exactly the images it
+read; training puts another image in its place (:class:`~adaptive_vit.data.sampler.TrainingSamples`).
 """
 
 from __future__ import annotations
@@ -15,19 +17,20 @@ from __future__ import annotations
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from adaptive_vit.data.source import Transform
 
 # the extensions of the formats Pillow can open (not those it can only write, such as .pdf)
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 _EXAMPLES = 3  # example paths per reason in a SkippedFilesWarning
-_MAX_SUBSTITUTES = 32  # consecutive unreadable files tolerated before giving up
 _16_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})  # unsigned 16-bit grayscale
 # modes Pillow converts to RGB without losing their meaning (8 bits a channel, or fewer)
 _8_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK",
@@ -136,7 +139,7 @@ class ClassFolderImages(Dataset):
 
     ``classes`` fixes the label of every class folder, so all splits share one mapping. The
     files that are not taken as images are reported (:func:`report_skipped`). An image that
-    fails to decode is reported once (per process) and replaced by the next sample.
+    fails to decode is reported once (per process) and its sample is ``None``.
 
     Args:
         root: the split's folder, holding one sub-folder per class.
@@ -156,25 +159,35 @@ class ClassFolderImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        for offset in range(_MAX_SUBSTITUTES):
-            path, target = self.samples[(index + offset) % len(self.samples)]
-            try:
-                image = load_rgb(path)
-            except (OSError, ImageModeError) as error:
-                self._report_unreadable(path, error)
-                continue
-            return self.transform(image), target
-        raise RuntimeError(
-            f"{_MAX_SUBSTITUTES} consecutive unreadable images starting at "
-            f"{self.samples[index][0]}; check the files under {self.root}"
-        )
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        """``(transform(image), label)``, or ``None`` when the file cannot be read as an image."""
+        path, target = self.samples[index]
+        try:
+            image = load_rgb(path)
+        except (OSError, ImageModeError) as error:
+            if path not in self._reported:
+                self._reported.add(path)
+                warnings.warn(f"skipping unreadable image {path} ({error})", UnreadableImageWarning, stacklevel=2)
+            return None
+        return self.transform(image), target
 
-    def _report_unreadable(self, path: str, error: Exception) -> None:
-        if path not in self._reported:
-            self._reported.add(path)
-            warnings.warn(
-                f"skipping unreadable image {path} ({error}); using the next sample instead",
-                UnreadableImageWarning,
-                stacklevel=2,
-            )
+
+def collate_readable(samples: list[Any]) -> Any:
+    """The batch of the samples that are not ``None`` (unreadable), or ``None`` if none is left.
+
+    Args:
+        samples: a batch's samples, ``None`` for each unreadable image.
+    """
+    readable = [sample for sample in samples if sample is not None]
+    return default_collate(readable) if readable else None
+
+
+class ReadableBatches(DataLoader):
+    """A loader whose batches hold only the images that could be read.
+
+    Use it with ``collate_fn=collate_readable``: a batch leaves its unreadable images out, and a
+    batch that had nothing else is not yielded at all, so a step never receives an empty batch.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        return (batch for batch in super().__iter__() if batch is not None)

@@ -2,7 +2,7 @@
 
 Training randomness is seeded, not streamed: the order of each epoch comes from the run's seed
 and the epoch (:class:`ResumableSampler`), each image's augmentation from its own seed
-(:class:`SeededSamples`). Batches therefore do not depend on the number of loader workers, and
+(:class:`TrainingSamples`). Batches therefore do not depend on the number of loader workers, and
 a fit resumed from a mid-epoch checkpoint continues with exactly the batches it would have seen.
 """
 
@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
+
+from adaptive_vit.data.images import UnreadableImageWarning
+
+_MAX_SUBSTITUTES = 32  # consecutive unreadable training images tolerated before giving up
 
 
 def mix_seeds(*parts: int) -> int:
@@ -51,13 +56,16 @@ def seeded(seed: int) -> Iterator[None]:
             random.setstate(python_state)
 
 
-class SeededSamples(Dataset):
-    """Training samples whose augmentation draws from their own seed.
+class TrainingSamples(Dataset):
+    """Training samples whose augmentation draws from their own seed, never an unreadable one.
 
     Items are ``(index, seed)`` pairs from :class:`ResumableSampler`: an image's random crop,
     flip, RandAugment and erasing depend only on the run's seed, the epoch and the image, not
     on the worker that loads it, the number of workers, or what was loaded before. That is what
     lets an interrupted run continue with bit-identical batches.
+
+    An unreadable image (a ``None`` sample) is replaced by the next readable training sample,
+    which keeps batches full; this is said once per process (each file is named by the dataset).
 
     Args:
         dataset: the training dataset.
@@ -65,6 +73,7 @@ class SeededSamples(Dataset):
 
     def __init__(self, dataset: Dataset) -> None:
         self._wrapped = dataset
+        self._substituted = False
 
     def __len__(self) -> int:
         return len(self._wrapped)
@@ -77,18 +86,26 @@ class SeededSamples(Dataset):
         return getattr(self._wrapped, name)
 
     def __getitem__(self, item: int | tuple[int, int]) -> Any:
-        """``dataset[index]`` as usual, or ``dataset[(index, seed)]`` with its own seed."""
-        if isinstance(item, int):
-            return self._wrapped[item]
-        index, seed = item
-        with seeded(seed):
-            return self._wrapped[index]
+        """``dataset[index]``, or ``dataset[(index, seed)]`` with its own seed; when that image is
+        unreadable, the next readable one (with the same seed)."""
+        index, seed = (item, None) if isinstance(item, int) else item
+        for offset in range(_MAX_SUBSTITUTES):
+            with nullcontext() if seed is None else seeded(seed):
+                sample = self._wrapped[(index + offset) % len(self)]
+            if sample is not None:
+                if offset and not self._substituted:
+                    self._substituted = True
+                    warnings.warn("training takes the next readable image in place of an unreadable one",
+                                  UnreadableImageWarning, stacklevel=2)
+                return sample
+        raise RuntimeError(f"{_MAX_SUBSTITUTES} consecutive unreadable training images from index {index}; "
+                           "check the image files (each was named in a warning)")
 
 
 class ResumableSampler(DistributedSampler):
     """The training order: a shuffle of (seed, epoch) that can start mid-epoch.
 
-    Yields ``(index, sample_seed)`` pairs for :class:`SeededSamples`. Each epoch's order and
+    Yields ``(index, sample_seed)`` pairs for :class:`TrainingSamples`. Each epoch's order and
     per-image seeds come from a generator seeded with ``seed + epoch`` (Lightning calls
     :meth:`set_epoch`), so they never touch the global RNG. Under DDP each rank takes every
     ``num_replicas``-th image of the padded order, as :class:`DistributedSampler` does (being
