@@ -16,8 +16,17 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from adaptive_vit.data.images import ClassFolderImages, class_dirs
+from adaptive_vit.data.images import ClassFolderImages
 from adaptive_vit.data.source import DataSource, Transform
+
+
+def class_dirs(split_dir: Path) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of ``split_dir``.
+
+    Args:
+        split_dir: the folder of one split.
+    """
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def preview(names: Sequence[str], limit: int = 5) -> str:

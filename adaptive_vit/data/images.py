@@ -74,15 +74,6 @@ def load_rgb(path: str) -> Image.Image:
         return image.convert("RGB")
 
 
-def class_dirs(split_dir: Path) -> list[str]:
-    """Sorted names of the non-hidden sub-folders of ``split_dir``.
-
-    Args:
-        split_dir: the folder of one split.
-    """
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def find_images(split_dir: Path, classes: list[str]) -> tuple[list[tuple[str, int]], list[str]]:
     """The image files under each class folder of ``split_dir``, and the other files.
 
