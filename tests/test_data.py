@@ -15,6 +15,7 @@ from PIL import Image
 
 from adaptive_vit import data
 from adaptive_vit.data import DATASETS, ImageDataModule, UnreadableImageWarning
+from adaptive_vit.data.cifar import Cifar10Source
 
 CLASSES = ("cat", "dog", "fox")
 IMG = 16
@@ -112,7 +113,8 @@ def test_corrupt_image_is_reported_and_skipped(tree: Path) -> None:
     dm.setup("fit")
     dataset = dm.train_dataloader().dataset
     index = [path for path, _ in dataset.samples].index(str(bad))
-    with pytest.warns(UnreadableImageWarning, match=re.escape(str(bad))):
+    with pytest.warns(UnreadableImageWarning, match="training takes the next readable image in place"), \
+            pytest.warns(UnreadableImageWarning, match=re.escape(str(bad))):
         image, label = dataset[index]
     assert image.shape == (3, IMG, IMG) and label == CLASSES.index("dog")
     with warnings.catch_warnings(record=True) as reported:  # once per file, not per read
@@ -121,6 +123,54 @@ def test_corrupt_image_is_reported_and_skipped(tree: Path) -> None:
         batches = list(dm.train_dataloader())
     assert not [w for w in reported if issubclass(w.category, UnreadableImageWarning)]
     assert sum(len(labels) for _, labels in batches) == 18
+
+
+def unreadable_test_split(root: Path) -> Path:
+    """A tree whose test split has 7 readable images and 5 empty files, in batches of 4:
+    [3 digit_0 + zero_bytes.png], [4 unreadable digit_1], [4 digit_1]."""
+    for split in ("train", "val", "test"):
+        for digit in (0, 1):
+            make_images(root / split / f"digit_{digit}", 3 + digit, seed=digit)
+    (root / "test/digit_0/zero_bytes.png").write_bytes(b"")
+    for i in range(4):
+        (root / f"test/digit_1/bad_{i}.png").write_bytes(b"")
+    return root
+
+
+class _RecordLabels(LightningModule):
+    """Keeps the labels of every test batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[int]] = []
+
+    def test_step(self, batch, batch_idx):
+        self.batches.append(batch[1].tolist())
+
+
+def test_evaluation_leaves_unreadable_images_out(tmp_path: Path) -> None:
+    """An unreadable test image is skipped, with its path in a warning, and never replaced by the
+    next sample (which may be of the next class); a batch of nothing but unreadable images is not
+    given to the step."""
+    root = unreadable_test_split(tmp_path)
+    model = _RecordLabels()
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UnreadableImageWarning) as reported:
+        trainer.test(model, datamodule=folder_dm(root))
+    assert model.batches == [[0, 0, 0], [1, 1, 1, 1]]
+    assert any(str(root / "test/digit_0/zero_bytes.png") in str(w.message) for w in reported)
+
+
+def test_each_ddp_rank_counts_only_the_images_it_read(tmp_path: Path) -> None:
+    dm = folder_dm(unreadable_test_split(tmp_path))
+    dm.setup("test")
+    labels = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableImageWarning)
+        for rank in (0, 1):
+            dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+            labels += [label for _, batch in dm.test_dataloader() for label in batch.tolist()]
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1, 1]
 
 
 # ---------------------------------------------------------------- demo digits
@@ -181,7 +231,7 @@ class FakeCIFAR10(torch.utils.data.Dataset):
 
 @pytest.fixture
 def fake_cifar(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(data._CIFAR, "cifar10", FakeCIFAR10)
+    monkeypatch.setattr(Cifar10Source, "dataset_class", FakeCIFAR10)
 
 
 @pytest.mark.usefixtures("fake_cifar")
@@ -203,6 +253,17 @@ def test_cifar_val_split_holds_out_train_images(tmp_path: Path) -> None:
     assert sorted(val.dataset.targets[i] for i in val.indices) == sorted(list(range(10)) * 2)
     assert val.dataset.transform is dm.eval_transform
     assert len(dm.test_dataloader().dataset) == 30
+
+
+def test_rand_augment_posterize_to_zero_bits_gives_black_not_an_error() -> None:
+    """timm's RandAugment posterizes to 0 bits at magnitude 10 (reached by `mstd` noise from the
+    default m9 about once in 700 training images): Pillow 13 refuses 0 bits with a ValueError,
+    which ended the run. Pillow < 13 gave a black image."""
+    dm = ImageDataModule(img_size=32, num_workers=0, auto_augment="rand-m10-p1.0-inc1")
+    (rand_augment,) = [step for step in dm.train_transform.transforms if hasattr(step, "ops")]
+    (posterize,) = [op for op in rand_augment.ops if op.name == "PosterizeIncreasing"]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    assert np.asarray(posterize(image)).max() == 0
 
 
 # ---------------------------------------------------------------- soft targets
@@ -376,3 +437,53 @@ def test_folder_val_split_holds_out_part_of_train(tmp_path) -> None:
     assert not train_files & val_files and all("/train/" in f for f in val_files)
     assert sorted(val.dataset.targets[i] for i in val.indices) == [0, 0, 1, 1, 2, 2]
     assert all("/val/" in path for path, _ in test.samples)
+
+
+# ---------------------------------------------------------------- image files
+
+
+def eval_sample(dm: ImageDataModule, path: Path) -> tuple[torch.Tensor, int] | None:
+    """The validation sample of the image file ``path`` (``None`` if unreadable)."""
+    dm.setup("validate")
+    dataset = split_dataset(dm, "val")
+    return dataset[[p for p, _ in dataset.samples].index(str(path))]
+
+
+def test_16_bit_png_is_scaled_not_saturated(tree: Path) -> None:
+    """A 16-bit grayscale PNG (mode I;16) keeps its contrast: 65535 maps to 255, not every value
+    above 255."""
+    values = np.linspace(0, 50_000, IMG * IMG).reshape(IMG, IMG).astype(np.uint16)
+    path = tree / "val" / "cat" / "deep.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "I;16"
+    image, _ = eval_sample(folder_dm(tree, crop_pct=1.0, mean=(0, 0, 0), std=(1, 1, 1)), path)
+    assert image.shape == (3, IMG, IMG)
+    assert abs(image.mean().item() * 255 - values.mean() / 257) < 1  # about 97, not 255
+
+
+def test_image_mode_without_a_known_range_is_named(tree: Path) -> None:
+    """A float image has no known value range: it is reported as unreadable, with its mode."""
+    path = tree / "val" / "cat" / "float.tif"
+    Image.fromarray(np.full((IMG, IMG), 0.5, dtype=np.float32)).save(path)
+    with pytest.warns(UnreadableImageWarning, match=re.escape(str(path)) + ".*mode F"):
+        assert eval_sample(folder_dm(tree), path) is None
+
+
+def test_files_not_taken_are_counted_with_reasons(tree: Path) -> None:
+    """Every extension Pillow opens is an image (a .gif too); the other files of a split are
+    counted in one warning, with examples, instead of vanishing."""
+    cat = tree / "train" / "cat"
+    Image.new("P", (20, 24), 3).save(cat / "anim.gif")
+    Image.new("RGB", (20, 24)).save(cat / "scan", format="PNG")  # an image without an extension
+    (cat / "notes.txt").write_text("not an image")
+    with warnings.catch_warnings(record=True) as reported:
+        warnings.simplefilter("always")
+        dm = folder_dm(tree)
+        dm.setup("fit")
+    taken = [Path(path).name for path, _ in split_dataset(dm, "train").samples]
+    assert "anim.gif" in taken and len(taken) == 3 * 6 + 1
+    (warning,) = [w for w in reported if "not taken" in str(w.message)]
+    message = str(warning.message)
+    assert warning.category is data.SkippedFilesWarning
+    assert message.startswith(f"{tree / 'train'}: 2 file(s) not taken as images")
+    assert "1 without an extension (cat/scan)" in message and "1 '.txt' (cat/notes.txt)" in message
