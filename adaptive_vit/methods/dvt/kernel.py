@@ -1,15 +1,15 @@
 """DVT's relationship resize (keys, then queries) as one op, `adaptive_vit::resize_relation`.
 
-On CPU at inference the op runs a small compiled kernel (`resize_relation.cpp`). The kernel
-exists because PyTorch has no fast form of this resize there. Each output of the Figure-5 resize
-reads at most two inputs per axis. As matmuls (`reuse.resize_keys` / `resize_queries`), two of
-the four passes contract a middle axis, i.e. thousands of tiny batched products, and every pass
-writes a map-sized intermediate. The kernel resizes one map at a time in cache and writes each
-output once. DeiT-S, batch 64, one downstream layer: 10×10 → 14×14 took 35 → 12 ms, and
-7×7 → 10×10 took 8 → 3 ms.
+docs/methods.md, DVT: resizes. On CPU at inference the op runs a small compiled kernel
+(`resize_relation.cpp`). The kernel exists because PyTorch has no fast form of this resize there.
+Each output of the Figure-5 resize reads at most two inputs per axis. As matmuls
+(`reuse.resize_keys` / `resize_queries`), two of the four passes contract a middle axis, i.e.
+thousands of tiny batched products, and every pass writes a map-sized intermediate. The kernel
+resizes one map at a time in cache and writes each output once. Its measured speed against the
+matmuls, with the commit it was measured at: docs/performance.md, DVT.
 
-- **When it is built.** At first use, with PyTorch's own extension builder (g++ and ninja, ~30 s),
-  then cached (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`).
+- **When it is built.** At first use, with PyTorch's own extension builder (g++ and ninja), then
+  cached (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`).
 - **Without it.** If it cannot be built, a warning says why, and the op computes the same
   numbers with the matmuls. Off the CPU the op always runs the matmuls (on a GPU they are the
   fast way), and so it does when `ADAPTIVE_VIT_CPU_KERNEL=0`.
