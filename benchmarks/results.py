@@ -16,7 +16,7 @@ so each row has a measured speedup beside its FLOPs reduction.
 Writes into --out (default results/): demo.json, demo.csv, accuracy_vs_gflops.png, exits.png,
 mia_skipping.png and README_table.md (the README's table, with the command, date and commit).
 
-    python benchmarks/results.py                 # `make results`: ~20-30 min on 2 quiet CPU cores
+    python benchmarks/results.py                 # `make results` (run times: docs/performance.md)
     python benchmarks/results.py --quick         # 1 short epoch each, 2 test batches: a smoke run
 """
 
