@@ -1,8 +1,9 @@
 """The project's FLOPs convention, measured (fvcore) and analytic.
 
-Convention (METHODS.md): one multiply-add = one FLOP (fvcore's), GFLOPs per image, eval mode,
-attention matmuls counted. fvcore has no handle for `scaled_dot_product_attention` (it would count
-0 and DeiT-S would come out at 4.25 instead of 4.608), so one is registered here; its `matmul`
+Convention (docs/methods.md, FLOPs convention): one multiply-add = one FLOP (fvcore's), GFLOPs
+per image, eval mode, attention matmuls counted. fvcore has no handle for
+`scaled_dot_product_attention` (it would count 0 and DeiT-S would come out at 4.25 instead of
+4.608), so one is registered here; its `matmul`
 handle undercounts a broadcast product such as (s, g) @ (B, g, g) (it multiplies the first
 operand's size by the last dimension), so that one is replaced by an exact count, and so is `mm`
 (fvcore's refuses `mm(a, b, out=c)`, which DVT's relationship reuse runs). Norms count 5

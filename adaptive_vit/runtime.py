@@ -3,10 +3,10 @@
 glibc's malloc serves every allocation above its mmap threshold (at most 32 MB by default) with
 fresh pages and returns them to the OS on free, so each such tensor pays one page fault per
 4 KB the first time it is written. Vision transformers at batch 64 allocate many of them (a
-(64, 6, 197, 197) attention term is 60 MB; a DeiT-S MLP hidden, 77 MB). Measured on this
-project's CPU benchmark, DeiT-S at batch 64: 1.0 M page faults per forward, and after
-`keep_freed_memory` none, with the forward 4.4 s → 3.0–3.9 s and DVT's three-exit cascade
-10.2 s → 6.4–7.7 s. It is the remedy of PyTorch's CPU tuning guide (jemalloc or tcmalloc,
+(64, 6, 197, 197) attention term is 60 MB; a DeiT-S MLP hidden, 77 MB). After
+`keep_freed_memory` those faults stop after the first batch; the faults and forward times it
+saved, with the commit they were measured at, are in docs/performance.md (CPU runtime). It is
+the remedy of PyTorch's CPU tuning guide (jemalloc or tcmalloc,
 configured to keep freed pages), done with the C library already loaded instead of a
 preloaded one. Its cost: the process keeps its peak memory until it exits.
 """

@@ -16,8 +16,8 @@ so each row has a measured speedup beside its FLOPs reduction.
 Writes into --out (default results/): demo.json, demo.csv, accuracy_vs_gflops.png, exits.png,
 mia_skipping.png and README_table.md (the README's table, with the command, date and commit).
 
-    python -m benchmarks.results                 # `make results`: ~20-30 min on 2 quiet CPU cores
-    python -m benchmarks.results --quick         # 1 short epoch each, 2 test batches: a smoke run
+    python -m benchmarks.results                # `make results` (run times: docs/performance.md)
+    python -m benchmarks.results --quick        # 1 short epoch each, 2 test batches: a smoke run
 """
 
 from __future__ import annotations

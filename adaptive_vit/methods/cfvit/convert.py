@@ -1,8 +1,8 @@
 """The CF-ViT authors' DeiT checkpoints (github.com/ChenMnZ/CF-ViT, `cf_deit_small`) → `CFViT`.
 
-Their file is ``{"model": state_dict, "flop": [...], ...}``; the state_dict is laid out as
-``/work/shared/reference/cfvit_deit_small_7x7_authors_keys.json`` (9×9: only the two position
-embeddings differ). Their module structure, read off the key names and their `models_deit.py`:
+Their file is ``{"model": state_dict, "flop": [...], ...}`` (docs/methods.md, CF-ViT: the
+authors' code; 9×9: only the two position embeddings differ). Their module structure, read off
+the key names and their `deit/models_deit.py`:
 
 - ``patch_embed.proj``, ``cls_token``, ``blocks.*`` (norm1, attn.qkv, attn.proj, norm2,
   mlp.fc1, mlp.fc2), ``norm``, ``head``: a timm DeiT with the same names (LayerNorm eps 1e-6,
@@ -19,10 +19,10 @@ Assumptions about their code that make the converted model compute their functio
   top-k regions (embedding + reuse + fine pos) and the other coarse tokens (coarse embedding +
   coarse pos), in a different order than ours, which does not change the function;
 - their global class attention (an EMA over whole attention maps, reduced afterwards) equals
-  ours (EMA of the head-averaged cls row) by linearity. Their inference code
-  (`forward_early_exit`) starts it at block 3, as the paper and `cls_attn_start=3` do; their
-  `forward` (used for their anytime-accuracy tables) starts it at block 2: to reproduce those
-  tables exactly, set ``cls_attn_start: 2``.
+  ours (EMA of the head-averaged cls row) by linearity. At their current head (``84a05dd``)
+  both their `forward` and their `forward_early_exit` start it at block 3, as the paper and
+  ``cls_attn_start: 3`` do; only their first two commits (``bb4cf40``, ``1c3343b``) start
+  `forward` at block 2 (``cls_attn_start: 2`` reproduces that `forward`).
 """
 
 from __future__ import annotations

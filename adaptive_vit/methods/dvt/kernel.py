@@ -4,10 +4,10 @@ The kernel exists because PyTorch has no fast form of this resize on CPU. Each o
 Figure-5 resize reads at most two inputs per axis. As matmuls (`resize.resize_keys` /
 `resize_queries`), two of the four passes contract a middle axis, i.e. thousands of tiny batched
 products, and every pass writes a map-sized intermediate. The kernel resizes one map at a time in
-cache and writes each output once. DeiT-S, batch 64, one downstream layer: 10×10 → 14×14 took
-35 → 12 ms, and 7×7 → 10×10 took 8 → 3 ms. `resize.resize_relation` runs it at CPU inference.
+cache and writes each output once (its measured speed against the matmuls, with the commit:
+docs/performance.md, DVT). `resize.resize_relation` runs it at CPU inference.
 
-- **When it is built.** At first use, with PyTorch's own extension builder (g++ and ninja, ~30 s),
+- **When it is built.** At first use, with PyTorch's own extension builder (g++ and ninja),
   then cached (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`).
 - **Without it.** If it cannot be built, a warning says why, and the resize computes the same
   numbers with the matmuls; so it does when `ADAPTIVE_VIT_CPU_KERNEL=0`.

@@ -4,12 +4,11 @@ average pooling to the target grid (naive upsampling hurts, paper Table 8).
 Both steps act on each axis of a map independently, so the 2-D resize of a map X is Mᵀ·X·M with
 M the (g, s) matrix of the 1-D resize (`resize_matrix`). The tokens (`resize_tokens`) and, when
 training, the relations (`resize_keys`, then `resize_queries`) are resized that way: the same
-numbers as interpolate + pool, but on attention-sized tensors two small matmuls run about 7×
-faster on CPU than `F.interpolate` + `F.adaptive_avg_pool2d`, and they have a backward.
+numbers as interpolate + pool, on CPU faster than `F.interpolate` + `F.adaptive_avg_pool2d` on
+attention-sized tensors (docs/performance.md, DVT), and they have a backward.
 
 At inference the relations go through one op, `adaptive_vit::resize_relation`
-(`resize_relation`): on CPU the compiled kernel (`kernel.py`, 3× faster again), which reads the
-1-D resize as two taps per output (`resize_taps`); off the CPU, or without the kernel, the matmuls.
+(`resize_relation`): on CPU the compiled kernel (`kernel.py`, faster again), which reads the 1-D resize as two taps per output (`resize_taps`); off the CPU, or without the kernel, the matmuls.
 
 FLOPs count what runs at inference (so analytic costs equal fvcore's): g·g·s + g·s·s
 multiply-adds per resized g×g token map (`resize_flops`), and what the kernel computes for the

@@ -1,4 +1,5 @@
-"""DVT's two ways for a downstream transformer to reuse its upstream one (METHODS.md, "DVT").
+"""DVT's two ways for a downstream transformer to reuse its upstream one (docs/methods.md,
+DVT: feature reuse, and DVT: relationship reuse).
 
 - Feature reuse: each downstream block l gets f_l(upstream patch tokens) — LN(D) → Linear(D,128)
   → GELU → Linear(128,48) — resized to its own grid, a zero vector in the cls slot, and
@@ -131,12 +132,12 @@ def _widen_mlp(mlp: Mlp, extra: int) -> Mlp:
 
 def mix_channels(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """A 1×1 convolution computed as one batched matmul over the flattened map: the same numbers,
-    about 1.6× faster than the 1×1 convolution kernel on CPU on attention-logit maps.
+    faster than the 1×1 convolution kernel on CPU on attention-logit maps.
 
     The bias is added in place after the matmul (autograd allows it: the matmul's backward does
     not read its output); `baddbmm` instead first copies the broadcast (1, C_out, 1) bias into its
-    whole output, a strided copy that took 0.51 s of 0.66 s on DeiT-S's (64, 216, 101, 101)
-    hidden map on CPU.
+    whole output, a strided copy that took most of its time on DeiT-S's (64, 216, 101, 101)
+    hidden map on CPU (measured: docs/performance.md, DVT).
 
     Args:
         conv: a 1×1 `nn.Conv2d` (its weights).
@@ -189,7 +190,7 @@ class RelationReuse(nn.Module):
             return mix_channels(second, act(mix_channels(first, logits)))
         # CPU inference: image by image through one reused hidden buffer. One image's (3HL, n²)
         # hidden map (8.8 MB for DeiT-S) stays in cache, where the whole batch's (564 MB at batch
-        # 64) went to memory and back three times (matmul, GELU, matmul): 0.32 → 0.23 s. The GELU
+        # 64) went to memory and back three times (matmul, GELU, matmul; docs/performance.md). The GELU
         # runs in place. (On a GPU the batched matmuls above are the fast way.) Weights in the
         # logits' dtype: under CPU autocast the logits are bfloat16, and `out=` is not autocast.
         w1, b1 = first.weight.flatten(1).to(logits.dtype), first.bias.to(logits.dtype)  # (3HL, HL)

@@ -3,7 +3,7 @@
 Both paths read the timm block's own weights (norm1, attn.qkv/proj, norm2, mlp.fc1/fc2), so the
 backbone's state_dict layout is unchanged and a static checkpoint loads as is.
 
-Semantics (METHODS.md "MIA-Block"):
+Semantics (docs/methods.md, MIA-Former: MIA-Block):
 - block skipped → identity;
 - attention: q, k, v only for the active heads, attention only among the kept tokens, the proj
   reads the active heads' outputs and writes all D channels (cost linear in the heads);
@@ -107,8 +107,9 @@ def _group_update(block: nn.Module, x: Tensor, tokens: Tensor, active: tuple[int
 def gather_tokens(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The cls token and the kept patch tokens of each image, first, in order.
 
-    Rows are picked with `index_select` on `x` viewed as (g·T, D): on CPU at batch 1 that took
-    10-14 µs where `gather` with an expanded (g, t, D) index took 70 µs (DeiT-S, half the tokens).
+    Rows are picked with `index_select` on `x` viewed as (g·T, D): on CPU at batch 1 that is
+    faster than `gather` with an expanded (g, t, D) index (measured: docs/performance.md,
+    MIA-Former).
 
     Args:
         x: (g, T, D).
@@ -137,9 +138,9 @@ def add_at_tokens(x: Tensor, delta: Tensor, rows: Tensor | None, valid: Tensor |
     """Inverse of `gather_tokens` for a residual update: `x` (g, T, D) with `delta` (g, t, D)
     added at the gathered tokens' rows (the other tokens keep their value).
 
-    One `index_add` on (g·T, D) rows (40 µs on CPU at batch 1, DeiT-S, half the tokens, where
-    `scatter_add` with an expanded index took 126 µs). Padding rows are zeroed (they are distinct
-    dropped tokens, so nothing else lands on them)."""
+    One `index_add` on (g·T, D) rows (on CPU at batch 1 faster than `scatter_add` with an
+    expanded index; docs/performance.md). Padding rows are zeroed (they are distinct dropped
+    tokens, so nothing else lands on them)."""
     if rows is None:
         return x + delta
     if valid is not None:
@@ -200,7 +201,7 @@ def _sliced_delta(block: nn.Module, x: Tensor, active: tuple[int, ...] | None, v
     else:
         k = len(active)
         # the active heads' q, k and v rows as one (3kE, D) weight: one matmul (copying the
-        # sliced rows and running one linear is ~20 % faster on CPU than a batched matmul over q, k, v)
+        # sliced rows and running one linear is faster on CPU than a batched matmul over q, k, v)
         w_qkv = _take(attn.qkv.weight.view(3, H * E, D), 1, active, E).reshape(3 * k * E, D)
         b_qkv = attn.qkv.bias
         if b_qkv is not None:

@@ -1,6 +1,6 @@
 """The MIA-Controller: before every block, logits to skip the block, its heads and its tokens.
 
-Paper (Sec. 3.2) and METHODS.md "MIA-Former":
+Paper (Sec. 3.2) and docs/methods.md, MIA-Former: controller:
 
 - block/head branch: the patch tokens as a (B, D, √N, √N) map → CNN_b (two 3×3 convolutions
   D → D/4 → D/4 with activations, then global average pooling) → F_b of width D/4 = H·E'
@@ -9,13 +9,14 @@ Paper (Sec. 3.2) and METHODS.md "MIA-Former":
   a pooled global feature concatenated, FC_n: 2 logits per patch token (the cls token is never
   decided: it is always kept).
 
-Decision (METHODS.md, to keep the controllers ≤ 5 % of the backbone): the map is average-pooled
-to `pool`×`pool` (4×4) before CNN_b. At the full 14×14 resolution the two convolutions would cost
-≈ 1 GFLOP over DeiT-S's 12 blocks (≈ 24 %); pooled they cost ≈ 0.08 GFLOPs. The pooling is one
-fixed (pool², N) matrix applied on the token axis, the numbers of `AdaptiveAvgPool2d` on the
-(B, D, √N, √N) map without transposing the tokens into a map first: at batch 1 on CPU that copy
-and the pool kernel took ~0.6 ms per block, ten times the matmul. The convolutions stay on that
-row layout too (`RowConv3x3`: the numbers of `nn.Conv2d`, half its time at batch 1 on CPU).
+Decision (docs/methods.md, MIA-Former: controller; the controllers stay ≤ 5 % of the backbone):
+the map is average-pooled to `pool`×`pool` (4×4) before CNN_b. At the full 14×14 resolution the
+two convolutions would cost ≈ 0.98 GFLOPs over DeiT-S's 12 blocks (≈ 21 %); pooled they cost
+≈ 0.08 GFLOPs. The pooling is one fixed (pool², N) matrix applied on the token axis, the numbers
+of `AdaptiveAvgPool2d` on the (B, D, √N, √N) map without transposing the tokens into a map first
+(at batch 1 on CPU that copy and the pool kernel took longer than the matmul). The
+convolutions stay on that row layout too (`RowConv3x3`: the numbers of `nn.Conv2d`, faster at
+batch 1 on CPU). Measured times, with their commits: docs/performance.md, MIA-Former.
 
 Decision: GELU after each convolution and in the token MLP (the paper says "activations" and
 DynamicViT uses GELU). Decision: the token branch's global feature is the mean of F_n over the
@@ -81,10 +82,10 @@ class RowConv3x3(nn.Conv2d):
 
     Two matmuls: every input position times every tap's weights, (B, P, C) @ (C, 9·C_out), then
     each output position sums its nine taps through a fixed 0/1 (P, 9·P) matrix. At batch 1 on CPU
-    this takes half the time of the convolution kernel on a 4×4 map (0.16 against 0.33 ms for
-    CNN_b of DeiT-S), and the same at batch 64. The tap sums count as the matmul they are
-    (P·9P·C_out multiply-adds, `cost.controller_flops`): summing by gather and `sum` instead would
-    count only the convolution's but took 6× longer at batch 64. The weight in the taps layout is
+    this is faster than the convolution kernel on a 4×4 map, and no slower at batch 64. The tap
+    sums count as the matmul they are (P·9P·C_out multiply-adds, `cost.controller_flops`):
+    summing by gather and `sum` instead would count only the convolution's but was slower at
+    batch 64 (measured: docs/performance.md, MIA-Former). The weight in the taps layout is
     a copy; without autograd it is cached and rebuilt when the weight changes (an optimizer step or
     a loaded checkpoint bumps its version).
 

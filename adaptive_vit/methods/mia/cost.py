@@ -1,4 +1,4 @@
-"""Analytic FLOPs of MIA-Former per image, from its decisions (METHODS.md "Cost").
+"""Analytic FLOPs of MIA-Former per image, from its decisions (docs/methods.md, MIA-Former: cost).
 
 Per executed block with n tokens (cls included) and h active heads: norm1 + norm2 on n tokens,
 qkv n·D·3hE, attention 2n²hE, proj n·hE·D (`flops.attention_flops`), MLP 2·n·hE·(h/H)M
