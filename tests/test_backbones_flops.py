@@ -20,7 +20,7 @@ from adaptive_vit.flops import block_flops, fvcore_gflops, vit_flops
     ],
 )
 def test_reference_gflops(name: str, kwargs: dict, size: int, reference: float) -> None:
-    """METHODS.md references, fvcore with the SDPA handle, both kernels, and the formula."""
+    """The reference figures (docs/methods.md, FLOPs convention), fvcore with the SDPA handle, both kernels, and the formula."""
     model = create_vit(name, **kwargs)
     x = torch.randn(1, 3, size, size)
     for fused in (True, False):

@@ -69,7 +69,7 @@ def test_deit_small_token_counts_and_flops_references() -> None:
     net = CFViT.from_name("deit_small_patch16_224")
     assert (net.num_coarse, net.num_fine) == (49, 124)
     coarse, fine = net.exit_gflops()
-    assert coarse == pytest.approx(1.102, rel=5e-3)  # METHODS.md: DeiT-S on a 112 image
+    assert coarse == pytest.approx(1.102, rel=5e-3)  # docs/methods.md, FLOPs convention: DeiT-S on a 112 image
     assert fine == pytest.approx(4.0, rel=0.02)  # paper: coarse + fine ≈ 4.0
     assert net.static_gflops() == pytest.approx(4.608, rel=5e-3)
     assert net.input_size() == (3, 224, 224)

@@ -1,5 +1,5 @@
 """CF-ViT: a coarse pass on a half-size image, then a fine pass that re-splits only the
-informative patches, both through one shared ViT (METHODS.md, "CF-ViT").
+informative patches, both through one shared ViT (docs/methods.md, "CF-ViT").
 
 Shapes: B images, C channels, g the coarse grid (Nc = g² coarse patches), p the patch side,
 D width, k = ⌈α·Nc⌉ informative patches, Nf = 4k + (Nc − k) fine-stage patch tokens.

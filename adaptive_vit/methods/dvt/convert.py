@@ -2,7 +2,7 @@
 
 Their file is ``{"model_state_dict": {...}, "flops", "dynamic_threshold", ...}`` with one model per
 exit under ``less_less_token.`` (7×7), ``less_token.`` (10×10) and ``normal_token.`` (14×14)
-(layout: ../shared/reference/dvt_deit_small_authors_keys.json). What the key names and shapes
+(layout: tests/reference/dvt_deit_small_authors_keys.json). What the key names and shapes
 tell, and what this converter (and `DVT`) assume so that the same weights compute the same
 function:
 
@@ -14,9 +14,9 @@ function:
   Its norm2 is [432] and fc1 [1536, 432]: the 48 reused channels are concatenated AFTER the 384
   token channels (assumed order: fc1's first 384 columns read the tokens, as in `ReuseBlock`).
 - ``relation_reuse_conv.0/.2`` = Conv2d(72, 216, 1) and Conv2d(216, 72, 1) with a parameterless
-  activation between (GELU per METHODS.md): the shared relation MLP over H·L = 6·12 upstream
+  activation between (GELU, docs/methods.md "DVT: relationship reuse"): the shared relation MLP over H·L = 6·12 upstream
   logits → our ``exits.{k}.relation_reuse.mlp.0/.2``.
-- Not in the weights, taken from METHODS.md: upstream features before the final norm, logits
+- Not in the weights, taken from docs/methods.md ("DVT: the authors' code"): upstream features before the final norm, logits
   after the scale and the upstream's own reuse term, nearest ×2 + adaptive average pool resizes
   (keys, then queries), LayerNorm eps 1e-6 (DeiT's), exact GELU.
 """

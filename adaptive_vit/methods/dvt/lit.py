@@ -12,7 +12,7 @@ from adaptive_vit.methods.dvt.model import DVT
 
 
 class DVTLitModule(AdaptiveLitModule):
-    """A cascade of transformers with early exit (METHODS.md, "DVT").
+    """A cascade of transformers with early exit (docs/methods.md, "DVT: training").
 
     Training: every exit on every image, loss = sum of the exits' losses (soft-target CE under
     mixup / label smoothing), no distillation. Evaluation: real early exit at the thresholds

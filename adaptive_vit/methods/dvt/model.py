@@ -1,6 +1,6 @@
 """`DVT`: a cascade of transformers on growing token grids, with feature and relationship reuse.
 
-METHODS.md, "DVT" (paper: papers/dvt.txt). K full timm backbones, no weights shared, each with
+docs/methods.md, "DVT: network" and "DVT: inference and cost" (Wang et al., NeurIPS 2021). K full timm backbones, no weights shared, each with
 its own tokenizer (default 7×7, 10×10, 14×14 tokens on a 224 image: patch convolutions 32, 23
 with padding 3, and 16, as the authors' DeiT code). Exit k reuses from exit k−1 only (features and
 attention logits, see `reuse.py`). Inference is a real early exit: an image answers at the first

@@ -1,4 +1,4 @@
-"""`MIALitModule`: MIA-Former's three training stages (METHODS.md "Training, three stages").
+"""`MIALitModule`: MIA-Former's three training stages (docs/methods.md, "MIA-Former: training stages").
 
 Phases (an epoch belongs to exactly one):
 

@@ -44,7 +44,7 @@ class MaskedOutput(NamedTuple):
 
 
 class MIAFormer(AdaptiveNetwork):
-    """MIA-Former on a timm ViT (METHODS.md "MIA-Former").
+    """MIA-Former on a timm ViT (docs/methods.md, "MIA-Former").
 
     Args:
         backbone: a timm VisionTransformer built by `backbones.create_vit` (its blocks are
