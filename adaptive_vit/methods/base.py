@@ -5,13 +5,15 @@ A method subclasses it and fills in two hooks:
 - `configure_network()` → its `AdaptiveNetwork` (the plain nn.Module);
 - `compute_loss(output, target)` → (loss, logs) from `forward_train`'s output.
 
-Everything else is here, once: the DeiT optimiser (AdamW, no decay on norms, biases, position
+Everything else is here, once: the backbone group (`BackboneSpec`, built by the method through
+`adaptive_vit.backbones`), the DeiT optimiser (AdamW, no decay on norms, biases, position
 embeddings and cls tokens; per-step cosine schedule with linear warm-up), soft-target or plain CE,
-torchmetrics top-1/top-5, the adaptive evaluation (real early exit at the current thresholds,
-mean GFLOPs, exit histogram, per-exit "anytime" accuracy), thresholds and calibrations that
-travel in the checkpoint, and `init_from` (start from another run's or another code base's
-weights). The step outputs carry per-image confidences, correctness, GFLOPs and exits, which is
-all the callbacks (calibration, FLOPs budget, robustness) read.
+torchmetrics top-1/top-5, and the adaptive evaluation (real early exit at the current thresholds,
+mean GFLOPs, exit histogram, per-exit "anytime" accuracy). The step outputs carry per-image
+confidences, correctness, GFLOPs and exits, which is all the callbacks (calibration, FLOPs budget,
+robustness) read. Elsewhere, each with one job: which thresholds the network answers with
+(`thresholds.ExitPolicy`), loading weights and `init_from` (`adaptive_vit.checkpoints`), and the
+RNG state of an exact resume (`callbacks.resume.ExactResume`).
 """
 
 from __future__ import annotations
