@@ -349,6 +349,31 @@ def test_pipeline_schedule_and_errors():
 
 
 @pytest.mark.slow
+def test_stage3_reward_pushes_towards_the_target_from_either_side():
+    module = lit(stage=3)
+    module.net.train()
+    x, y = _batch(8)
+    output = module.net.forward_train(x)
+    total = module.net.exit_gflops()[0]
+    correct = (output.logits.argmax(-1) == y).float()
+    # above the target (0) saving is rewarded; below it (all-on) spending is
+    for target, sign in ((0.0, 1.0), (total, -1.0)):
+        module.hparams.target_gflops = target
+        expected = sign * module.hparams.reward_beta * (target - output.gflops.detach()) / total
+        torch.testing.assert_close(module.reward(output, y) - correct, expected)
+
+
+def test_stage2_on_the_demo_ends_within_5_percent_of_the_target(run_cli):
+    """Co-training from scratch on the bundled digits, 40 steps: evaluation (argmax decisions,
+    real skipping) lands on the FLOPs target."""
+    target = 0.011
+    cli = run_cli("fit", "--config", str(REPO / "configs/demo/mia.yaml"), "--model.init_args.stage", "2",
+                  "--model.init_args.stage_epochs", "null", "--model.init_args.target_gflops", str(target),
+                  "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "40",
+                  "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]")
+    assert float(cli.trainer.callback_metrics["val/gflops"]) == pytest.approx(target, rel=0.05)
+
+
 def test_cli_static_then_mia_pipeline_then_test(run_cli, tmp_path):
     static = REPO / "configs/demo/static.yaml"
     small = ["--data.init_args.batch_size", "16", "--trainer.limit_train_batches", "2", "--trainer.log_every_n_steps", "1"]

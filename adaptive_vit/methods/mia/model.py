@@ -41,6 +41,9 @@ class MaskedOutput(NamedTuple):
     gflops: Tensor  # (B,) executed GFLOPs, differentiable through straight-through masks
     decisions: Decisions  # float masks as applied
     controls: list[ControllerOutput]  # per block: the controller's logits (and critic values)
+    # (B,) GFLOPs of the argmax decisions of the same controller outputs, i.e. what evaluation
+    # would execute (no gradient); training steers the mean cost to the target with it
+    argmax_gflops: Tensor
 
 
 class MIAFormer(AdaptiveNetwork):
@@ -130,19 +133,23 @@ class MIAFormer(AdaptiveNetwork):
         B = x.shape[0]
         H, N = self.dims["num_heads"], self.dims["num_patches"]
         ones = x.new_ones
-        blocks, heads, tokens, controls = [], [], [], []
+        applied, greedy, controls = [], [], []  # per block: (b, h, n) masks; controller outputs
         for l, (controller, block) in enumerate(zip(self.controllers, self.family.blocks(self.backbone))):
             out = controller(x, with_values=with_values)
-            b = decide(out.block, mode, self.gumbel_tau) if out.block is not None else ones(B)
-            h = decide(out.heads, mode, self.gumbel_tau) if out.heads is not None else ones(B, H)
-            n = decide(out.tokens, mode, self.gumbel_tau) if out.tokens is not None else ones(B, N)
+            kinds = ((out.block, (B,)), (out.heads, (B, H)), (out.tokens, (B, N)))  # None: switched off
+            b, h, n = (decide(lg, mode, self.gumbel_tau) if lg is not None else ones(shape) for lg, shape in kinds)
             if override is not None:
                 b, h, n = (o[:, l].to(x.dtype) for o in override)
             x = masked_block(block, x, b, h, torch.cat([ones(B, 1), n], dim=1))
-            blocks.append(b), heads.append(h), tokens.append(n), controls.append(out)
-        decisions = Decisions(torch.stack(blocks, 1), torch.stack(heads, 1), torch.stack(tokens, 1))
+            applied.append((b, h, n))
+            with torch.no_grad():
+                greedy.append(tuple(decide(lg, "argmax") if lg is not None else ones(shape) for lg, shape in kinds))
+            controls.append(out)
+        decisions = Decisions(*(torch.stack(m, 1) for m in zip(*applied)))
+        argmax = Decisions(*(torch.stack(m, 1) for m in zip(*greedy)))
         gflops = self._gflops(decisions.blocks, decisions.heads.sum(-1), decisions.tokens.sum(-1))
-        return MaskedOutput(self._head(x), gflops, decisions, controls)
+        argmax_gflops = self._gflops(argmax.blocks, argmax.heads.sum(-1), argmax.tokens.sum(-1))
+        return MaskedOutput(self._head(x), gflops, decisions, controls, argmax_gflops)
 
     def forward_train(self, x: Tensor) -> MaskedOutput:
         sample = self.train_decisions == "sample"
