@@ -72,3 +72,12 @@ def test_empty_class_folder_is_named(run_cli, tmp_path: Path) -> None:
     (root / "val/class_9").mkdir()
     with pytest.raises((ValueError, FileNotFoundError), match="class_9"):
         run_cli("fit", *STATIC, *TINY_VIT, *FAST_TRAINER, *folder(root))
+
+
+@pytest.mark.parametrize(("config", "value"), [
+    ("mia", ["--model.init_args.target_gflops", "-0.01"]),
+    ("static", ["--trainer.callbacks", "[{class_path: FlopsBudgetTracker, init_args: {target_gflops: -1}}]"]),
+])
+def test_negative_target_gflops_is_refused(run_cli, config: str, value: list[str]) -> None:
+    with pytest.raises(ValueError, match="target_gflops must be positive"):
+        run_cli("fit", "--config", str(REPO / f"configs/demo/{config}.yaml"), *TINY_VIT, *FAST_TRAINER, *value)
