@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 # Imported so that configs can name every class by its short name.
 import adaptive_vit.callbacks  # noqa: F401
 import adaptive_vit.methods  # noqa: F401
+from adaptive_vit.callbacks.predictions import PredictionWriter
 from adaptive_vit.data import ImageDataModule
 from adaptive_vit.methods.base import AdaptiveLitModule
 from adaptive_vit.runtime import keep_freed_memory
@@ -74,9 +75,9 @@ class ResumableCheckpoint(ModelCheckpoint):
 
 class AdaptiveViTCLI(LightningCLI):
     """LightningCLI with checkpointing on val/top1 (and `last.ckpt` when a fit is interrupted),
-    `--ckpt_path last` resuming the newest run of the config in its own folder, the run's config
-    saved beside its logs, `num_classes` linked from the data, and `flops` / `benchmark`
-    subcommands."""
+    `--ckpt_path last` resuming the newest run of the config in its own folder, predictions written
+    by `predict`, the run's config saved beside its logs, `num_classes` linked from the data, and
+    `flops` / `benchmark` subcommands."""
 
     _resuming = False
 
@@ -90,6 +91,7 @@ class AdaptiveViTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.set_defaults({
             "checkpoint.monitor": "val/top1",
             "checkpoint.mode": "max",
