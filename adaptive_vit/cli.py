@@ -54,27 +54,40 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 
 class ResumableCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose `save_on_exception` writes `last.ckpt` only.
+    """ModelCheckpoint whose `last.ckpt` always holds the latest state: after every training epoch,
+    and at the batch where a fit stopped (an exception, Ctrl+C or SIGTERM: a preempted cluster job,
+    Lightning stops at the end of the current batch). `adaptive-vit fit --config X --ckpt_path last`
+    continues from there.
 
-    A fit stopped by an exception, Ctrl+C or SIGTERM (a preempted cluster job; Lightning stops
-    at the end of the current batch) then leaves `last.ckpt` at the batch it stopped at, and
-    `adaptive-vit fit --config X --ckpt_path last` continues from there. Lightning's own
-    `on_exception` also writes a checkpoint named like the monitored ones (`best-NNN.ckpt`
-    here), which would pass for a best model.
+    Lightning (2.6) writes `last.ckpt` only beside a top-k checkpoint, so an epoch that does not
+    improve the monitored metric would leave it stale; on an exception it also writes a checkpoint
+    named like the monitored ones (`best-NNN.ckpt` here), which would pass for a best model.
+    ModelCheckpoint has no public way to write `last.ckpt` on demand: `_save_last` uses its own
+    private methods for it, which keep its bookkeeping (the step last saved, the path kept in its
+    state, the file it replaces) as when Lightning writes it.
     """
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # not saved at this step yet
+            self._save_last(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not self._should_save_on_exception(trainer):
             return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._save_last(trainer)
         rank_zero_info(
             f"fit stopped by {type(exception).__name__} at step {trainer.global_step}: saved "
             f"{self.last_model_path}; continue with `adaptive-vit fit ... --ckpt_path last`."
         )
 
+    def _save_last(self, trainer: Trainer) -> None:
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
 
 class AdaptiveViTCLI(LightningCLI):
-    """LightningCLI with checkpointing on val/top1 (and `last.ckpt` when a fit is interrupted),
+    """LightningCLI with checkpointing on val/top1 (`last.ckpt` after every epoch and where a fit
+    stopped),
     `--ckpt_path last` resuming the newest run of the config in its own folder, predictions written
     by `predict`, the run's config saved beside its logs, `num_classes` linked from the data, and
     `flops` / `benchmark` subcommands."""

@@ -1,15 +1,39 @@
-"""Run folders and checkpoints: `predict`'s CSV."""
+"""Run folders and checkpoints: `last.ckpt` after every epoch and `predict`'s CSV."""
 
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from adaptive_vit.cli import main
 from conftest import FAST_TRAINER, REPO, TINY_VIT
 
 STATIC = ["--config", str(REPO / "configs/demo/static.yaml")]
+# The weights do not move: val/top1 of the first epoch is never improved on.
+FLAT = ["--model.init_args.lr", "1e-8", "--model.init_args.warmup_lr", "1e-9", "--model.init_args.min_lr", "1e-9"]
+
+
+@pytest.fixture(scope="module")
+def plateau(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding one fit of 3 epochs (3 steps each) whose val/top1 does not improve after
+    the first epoch: runs/demo_static/version_0, with best-000.ckpt and last.ckpt."""
+    folder = tmp_path_factory.mktemp("plateau")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setattr(sys, "argv", ["adaptive-vit"])
+        main(["fit", *STATIC, *TINY_VIT, *FAST_TRAINER, "--trainer.max_epochs", "3", *FLAT])
+    return folder
+
+
+def test_last_ckpt_holds_every_epoch(plateau: Path) -> None:
+    checkpoints = plateau / "runs/demo_static/version_0/checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 9)  # the third epoch's end, not the first's
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-000.ckpt", "last.ckpt"]
 
 
 def test_predict_writes_a_csv_in_the_run_folder(run_cli, image_folder: Path) -> None:
