@@ -1,12 +1,15 @@
 """The `adaptive-vit` command: LightningCLI with this tool's defaults and two extra subcommands.
 
     adaptive-vit fit --config configs/demo/static.yaml
-    adaptive-vit test --config configs/demo/static.yaml --ckpt_path runs/.../best.ckpt
+    adaptive-vit test --config configs/demo/static.yaml --ckpt_path best
     adaptive-vit flops --config configs/dvt_deit.yaml --format json
     adaptive-vit benchmark --config configs/cfvit_deit.yaml --batch_sizes [1,64]
 
 Models and data are chosen by class name in the config (`model.class_path: CFViTLitModule`);
-`num_classes` is linked from the data to the model.
+`num_classes` is linked from the data to the model. A run's folder holds its config, checkpoints
+(`last.ckpt` after every epoch, `best-NNN.ckpt`), logs and, for `predict`, `predictions.csv`.
+`--ckpt_path last` / `best` name a checkpoint of the config's newest run. Checkpoints are loaded
+as untrusted files (`adaptive_vit.checkpoints.load_checkpoint_file`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -30,6 +34,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import adaptive_vit.callbacks  # noqa: F401
 import adaptive_vit.methods  # noqa: F401
 from adaptive_vit.callbacks.predictions import PredictionWriter
+from adaptive_vit.checkpoints import load_checkpoint_file
 from adaptive_vit.data import ImageDataModule
 from adaptive_vit.methods.base import AdaptiveLitModule
 from adaptive_vit.runtime import keep_freed_memory
@@ -52,6 +57,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     ],
 }
 
+# The subcommands that run the Trainer on data, each in a run folder of its own.
+RUNS = ("fit", "validate", "test", "predict")
+
 
 class ResumableCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose `last.ckpt` always holds the latest state: after every training epoch,
@@ -65,7 +73,20 @@ class ResumableCheckpoint(ModelCheckpoint):
     ModelCheckpoint has no public way to write `last.ckpt` on demand: `_save_last` uses its own
     private methods for it, which keep its bookkeeping (the step last saved, the path kept in its
     state, the file it replaces) as when Lightning writes it.
+
+    Evaluating a checkpoint (`test`, `validate`, `predict`) does not take over its record of an earlier
+    fit's checkpoint folder: there is nothing to save, and Lightning would warn that the folder changed.
     """
+
+    _fitting = False
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._fitting = stage == "fit"
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._fitting:
+            super().load_state_dict(state_dict)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -85,14 +106,32 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, loading every `--ckpt_path` through `load_checkpoint_file`
+    (`weights_only=True` with this tool's allowlist, whatever `--weights_only` says; one message
+    for every way a file can be wrong). A checkpoint the CLI loaded before the run (to stop before
+    anything is written) is handed over here instead of being read twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loaded: dict[str, dict[str, Any]] = {}
+
+    def hand_over(self, path: str, checkpoint: dict[str, Any]) -> None:
+        self._loaded[path] = checkpoint
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return self._loaded.pop(str(path), None) or load_checkpoint_file(str(path), what="--ckpt_path")
+
+
 class AdaptiveViTCLI(LightningCLI):
     """LightningCLI with checkpointing on val/top1 (`last.ckpt` after every epoch and where a fit
-    stopped),
-    `--ckpt_path last` resuming the newest run of the config in its own folder, predictions written
-    by `predict`, the run's config saved beside its logs, `num_classes` linked from the data, and
+    stopped), `--ckpt_path last|best` naming the config's newest run, predictions written by
+    `predict`, the run's config saved beside its logs, `num_classes` linked from the data, and
     `flops` / `benchmark` subcommands."""
 
     _resuming = False
+    _checkpoint_step: int | None = None  # the global step of --ckpt_path
+    _run_dir: Path | None = None  # the folder of the run being resumed
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -127,8 +166,9 @@ class AdaptiveViTCLI(LightningCLI):
         """
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
-            self._resume_last(self.config.fit)
+        if self.subcommand in RUNS:
+            config = self.config[self.subcommand]
+            self._resolve_ckpt_path(config)
         # `flops` and `benchmark` measure one model in one process: a config written for 8 GPUs
         # with DDP and AMP must still run them (on whatever device this machine has).
         if self.subcommand in ("flops", "benchmark"):
@@ -137,17 +177,54 @@ class AdaptiveViTCLI(LightningCLI):
                                "strategy": "auto", "precision": None, "logger": False}.items():
                 trainer[key] = value
 
+    def _resolve_ckpt_path(self, config: Any) -> None:
+        """`--ckpt_path last` / `best`: a checkpoint of the config's newest run (Lightning would look
+        in the folder of the run it is starting). `fit --ckpt_path last` continues that run in its
+        folder; `test`, `validate` and `predict` evaluate its last or best checkpoint."""
+        wanted = config.get("ckpt_path")
+        if wanted not in ("last", "best") or self.subcommand == "fit" and wanted == "best":
+            return
+        found, pattern = _last_checkpoints(config)
+        if not found:
+            looked = f"no checkpoint of this config, looked for {pattern}"
+            if self.subcommand != "fit":
+                raise ValueError(_no_weights_message(self.subcommand, f" (--ckpt_path {wanted}: {looked})"))
+            raise FileNotFoundError(
+                f"--ckpt_path last: no checkpoint to resume, looked for {pattern} (from this config's "
+                "checkpoint.dirpath or first logger's save_dir/name). Start the run without --ckpt_path, "
+                "or pass the checkpoint file: --ckpt_path runs/<name>/version_N/checkpoints/last.ckpt."
+            )
+        last = max(found, key=lambda path: path.stat().st_mtime)
+        if self.subcommand == "fit":
+            self._resume(config, last)
+        else:
+            config.ckpt_path = str((last if wanted == "last" else _best_checkpoint(last)).resolve())
+
+    def _resume(self, config: Any, last: Path) -> None:
+        """Continue the run of `last` in its folder: the loggers write on there (metrics.csv is
+        appended to, TensorBoard adds an event file), and this run's config is saved as
+        `config-resumed-N.yaml` beside the original `config.yaml`."""
+        config.ckpt_path = str(last.resolve())
+        self._run_dir = last.parent.parent
+        resumed = len(list(self._run_dir.glob("config-resumed-*.yaml"))) + 1
+        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config-resumed-{resumed}.yaml"}
+        self._resuming = True
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        rank_zero_info(f"Resuming {last}, logging on in {self._run_dir}")
+
     def instantiate_classes(self) -> None:
         if self.subcommand == "flops":
             # Costs and parameter counts need shapes only: build on the meta device, which skips
             # allocating and initialising tens of millions of weights.
             with torch.device("meta"):
                 super().instantiate_classes()
-        else:
-            super().instantiate_classes()
-        _share_version_folder(self.trainer.loggers)
-        if self._resuming:
-            _keep_csv_metrics(self.trainer.loggers)
+            return
+        super().instantiate_classes()
+        if self.subcommand in RUNS:
+            _log_in_one_folder(self.trainer.loggers, self._run_dir)
+            if self._resuming:
+                _keep_csv_metrics(self.trainer.loggers)
+            self._load_checkpoint_first()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """`--trainer.enable_progress_bar false` drops the progress bars among the configured
@@ -159,55 +236,31 @@ class AdaptiveViTCLI(LightningCLI):
             kwargs.setdefault("callbacks", [c for c in callbacks if not isinstance(c, ProgressBar)])
         return super().instantiate_trainer(**kwargs)
 
-    def _resume_last(self, config: Any) -> None:
-        """`fit --ckpt_path last`: continue the newest run of this config, in its folder.
+    def _load_checkpoint_first(self) -> None:
+        """Load `--ckpt_path` before the run starts, so that a file that cannot be loaded stops the
+        command before anything is written, and hand it to Lightning (`SafeCheckpointIO`)."""
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # not a plugin the config chose
+            strategy.checkpoint_io = SafeCheckpointIO()
+        path = self.config[self.subcommand].get("ckpt_path")
+        if not path:
+            return
+        checkpoint = load_checkpoint_file(path, what="--ckpt_path")
+        self._checkpoint_step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+        if isinstance(strategy.checkpoint_io, SafeCheckpointIO):
+            strategy.checkpoint_io.hand_over(path, checkpoint)
 
-        Lightning would look for `last` in the checkpoint folder of the new run it is starting
-        (an empty `version_N+1`). Here it is the most recently written
-        `<save_dir>/<name>/version_*/checkpoints/last.ckpt` of the config's first logger (or
-        `checkpoint.dirpath`), and the loggers write on in that version folder: metrics.csv is
-        appended to, TensorBoard adds an event file, and this run's config is saved as
-        `config-resumed-N.yaml` beside the original `config.yaml`.
-        """
-        loggers = _logger_configs(config.trainer.logger)
-        if config.checkpoint.get("dirpath"):
-            pattern = Path(config.checkpoint.dirpath) / "last.ckpt"
-            found = [pattern] if pattern.is_file() else []
-        else:
-            if loggers:
-                root = Path(loggers[0].save_dir or ".") / (loggers[0].name or "")
-            else:  # Lightning's default logger
-                root = Path(config.trainer.default_root_dir or ".") / "lightning_logs"
-            pattern = root / "version_*" / "checkpoints" / "last.ckpt"
-            found = list(root.glob("version_*/checkpoints/last.ckpt"))
-        if not found:
-            raise FileNotFoundError(
-                f"--ckpt_path last: no checkpoint to resume, looked for {pattern} (from this "
-                "config's checkpoint.dirpath or first logger's save_dir/name). Start the run "
-                "without --ckpt_path, or pass the "
-                "checkpoint file: --ckpt_path runs/<name>/version_N/checkpoints/last.ckpt."
+    def after_fit(self) -> None:
+        if self._resuming and self.trainer.global_step == self._checkpoint_step:
+            rank_zero_info(
+                f"adaptive-vit fit: nothing left to train: {self.config.fit.ckpt_path} is the end of a finished "
+                f"run (trainer.max_epochs {self.trainer.max_epochs}). To train on, raise --trainer.max_epochs "
+                "(or --trainer.max_steps)."
             )
-        last = max(found, key=lambda path: path.stat().st_mtime)
-        config.ckpt_path = str(last.resolve())
-        run_dir = last.parent.parent
-        for logger in loggers:
-            if Path(logger.save_dir or ".") / (logger.name or "") == run_dir.parent and logger.version is None:
-                logger.version = run_dir.name
-        resumed = len(list(run_dir.glob("config-resumed-*.yaml"))) + 1
-        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config-resumed-{resumed}.yaml"}
-        self._resuming = True
-        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        rank_zero_info(f"Resuming {last}, logging on in {run_dir}")
 
     def _check_weights(self, subcommand: str) -> None:
-        ckpt_path = self.config[subcommand].get("ckpt_path")
-        if not ckpt_path and not self.model.has_trained_weights():
-            sys.exit(
-                f"adaptive-vit {subcommand}: no weights to evaluate. Pass --ckpt_path "
-                "(e.g. runs/<name>/version_0/checkpoints/last.ckpt, or `best`/`last` after a fit), "
-                "or configure trained weights (model.init_args.init_from: FILE, or a backbone with "
-                "pretrained: true | /path/to/weights). Refusing to evaluate random weights."
-            )
+        if not self.config[subcommand].get("ckpt_path") and not self.model.has_trained_weights():
+            raise ValueError(_no_weights_message(subcommand))
 
     def before_test(self) -> None:
         self._check_weights("test")
@@ -219,31 +272,88 @@ class AdaptiveViTCLI(LightningCLI):
         self._check_weights("predict")
 
 
-def _share_version_folder(loggers: list[Any]) -> None:
-    """Loggers with the same save_dir and name but no explicit version each pick the next free
-    `version_N` on their own, and disagree once the first has made its folder: give them all the
-    first one's version, so a run is one folder (config, checkpoints, events and metrics.csv)."""
-    if len(loggers) < 2:
-        return
-    first = loggers[0]
-    for logger in loggers[1:]:
-        same_place = (logger.save_dir, logger.name) == (first.save_dir, first.name)
-        if same_place and getattr(logger, "_version", 0) is None:
-            logger._version = first.version  # CSVLogger/TensorBoardLogger have no setter
-            # The CSV logger then warns that the (shared) folder is not empty; it only writes its
-            # own metrics.csv there, which is new in a new version folder.
-            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+def _no_weights_message(subcommand: str, detail: str = "") -> str:
+    """The no-weights error of `test`, `validate` and `predict`; `detail` says what was looked for."""
+    return (
+        f"{subcommand}: no weights to evaluate{detail}. Pass --ckpt_path (a file, e.g. "
+        "runs/<name>/version_N/checkpoints/last.ckpt, or `last` / `best`: the newest run of this config), "
+        "or configure trained weights (model.init_args.init_from: FILE, or a backbone with "
+        "pretrained: true | /path/to/weights). Refusing to evaluate random weights."
+    )
+
+
+# ---------------------------------------------------------------------------- run folders
 
 
 def _logger_configs(logger: Any) -> list[Any]:
-    """The `init_args` of the configured loggers that have a save_dir (none for `logger: false`
-    or Lightning's default)."""
+    """The `init_args` of the configured loggers that have a save_dir."""
     configs = logger if isinstance(logger, list) else [logger]
     return [c.init_args for c in configs
             if hasattr(c, "init_args") and getattr(c.init_args, "save_dir", None) is not None]
 
 
-def _keep_csv_metrics(loggers: list[Any]) -> None:
+def _runs_root(config: Any) -> Path:
+    """The folder of this config's run folders (`version_N`): its first logger's `save_dir/name`,
+    or `<default_root_dir>/lightning_logs` for Lightning's default logger."""
+    loggers = _logger_configs(config.trainer.logger)
+    if loggers:
+        return Path(loggers[0].save_dir or ".") / (loggers[0].name or "")
+    return Path(config.trainer.default_root_dir or ".") / "lightning_logs"
+
+
+def _last_checkpoints(config: Any) -> tuple[list[Path], Path]:
+    """The `last.ckpt` of each of the config's runs (`<runs root>/version_*/checkpoints/last.ckpt`,
+    see `_runs_root`, or `checkpoint.dirpath/last.ckpt`), and where they were looked for."""
+    if config.checkpoint.get("dirpath"):
+        pattern = Path(config.checkpoint.dirpath) / "last.ckpt"
+        return [pattern] if pattern.is_file() else [], pattern
+    root = _runs_root(config)
+    return list(root.glob("version_*/checkpoints/last.ckpt")), root / "version_*" / "checkpoints" / "last.ckpt"
+
+
+def _best_checkpoint(last: Path) -> Path:
+    """The best checkpoint of `last`'s run, as its checkpoint callback recorded it."""
+    checkpoint = load_checkpoint_file(str(last), what="--ckpt_path best")
+    states = checkpoint.get("callbacks", {}) if isinstance(checkpoint, dict) else {}
+    recorded = [state.get("best_model_path") for key, state in states.items()
+                if key.startswith(ResumableCheckpoint.__qualname__) and state.get("best_model_path")]
+    best = last.parent / Path(recorded[0]).name if recorded else None
+    if best is None or not best.is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path best: the run of {last} has no best checkpoint"
+            + (f" ({best} is missing)" if best else "") + ". Pass --ckpt_path last or a checkpoint file."
+        )
+    return best
+
+
+def _log_in_one_folder(loggers: list[Logger], run_dir: Path | None) -> None:
+    """Loggers with the same save_dir and name but no explicit version each pick the next free
+    `version_N` on their own, and disagree once the first has made its folder: they all take the
+    first one's version, or the folder of the run being resumed, so that a run is one folder
+    (config, checkpoints, events and metrics.csv)."""
+    if not loggers:
+        return
+    place = _place(loggers[0])
+    resumed = run_dir is not None and place == run_dir.parent
+    version = run_dir.name if resumed else loggers[0].version
+    for logger in loggers:
+        # TensorBoardLogger and CSVLogger take a version in their constructor only. Given in the
+        # config, it would be saved in the run's config.yaml, and running that again would write
+        # into this run's folder.
+        unset = getattr(logger, "_version", 0) is None
+        if _place(logger) == place and (resumed or unset):
+            logger._version = version
+    # A CSV logger then warns that the (shared or resumed) folder is not empty; it only writes
+    # its own metrics.csv there (kept by `_keep_csv_metrics` on resuming).
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+
+
+def _place(logger: Logger) -> Path:
+    """The folder of a logger's version folders."""
+    return Path(logger.save_dir or ".") / (logger.name or "")
+
+
+def _keep_csv_metrics(loggers: list[Logger]) -> None:
     """A CSVLogger deletes the metrics.csv it finds in its folder when it starts: on resuming,
     put the interrupted run's rows back and append after them."""
     if rank_zero_only.rank != 0:  # only rank 0 writes (and deletes) it
@@ -266,9 +376,10 @@ def main(args: list[str] | None = None) -> AdaptiveViTCLI | None:
     Called with `args` (tests, scripts), it returns the CLI (trainer, model, datamodule) and lets
     errors propagate. On the command line it returns None (the console script passes the result
     to sys.exit), and a configuration mistake (a missing file, a bad value, a checkpoint that does
-    not fit) ends with its message and exit status 2 rather than a traceback; set
-    ADAPTIVE_VIT_DEBUG=1 for the traceback. A fit stopped by SIGTERM exits with status 143
-    (128 + SIGTERM, as if killed: Lightning's own exit would report success to the scheduler).
+    not load or fit) ends with its message and exit status 2 rather than a
+    traceback; set ADAPTIVE_VIT_DEBUG=1 for the traceback. A fit stopped by SIGTERM exits with
+    status 143 (128 + SIGTERM, as if killed: Lightning's own exit would report success to the
+    scheduler).
     """
     if args is not None:
         return _run(args)

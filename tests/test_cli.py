@@ -71,7 +71,7 @@ def test_progress_bar_off_drops_the_configured_one(run_cli, image_folder: Path) 
 
 @pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
 def test_evaluating_without_weights_is_an_error(run_cli, subcommand: str) -> None:
-    with pytest.raises(SystemExit, match=f"adaptive-vit {subcommand}: no weights to evaluate. Pass --ckpt_path"):
+    with pytest.raises(ValueError, match=f"{subcommand}: no weights to evaluate. Pass --ckpt_path"):
         run_cli(subcommand, *STATIC, *TINY_VIT, *FAST_TRAINER)
 
 

@@ -1,8 +1,10 @@
-"""Run folders and checkpoints: `last.ckpt` after every epoch and `predict`'s CSV."""
+"""Run folders and checkpoints: `last.ckpt` after every epoch, `--ckpt_path last|best` in a new
+process, files that cannot be loaded, and `predict`'s CSV."""
 
 from __future__ import annotations
 
 import csv
+import datetime
 import sys
 from pathlib import Path
 
@@ -29,6 +31,18 @@ def plateau(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture
+def in_plateau(plateau: Path, monkeypatch: pytest.MonkeyPatch):
+    """Run `adaptive-vit ARGS...` (the plateau run's config) in-process inside the plateau folder."""
+    monkeypatch.chdir(plateau)
+    monkeypatch.setattr(sys, "argv", ["adaptive-vit"])
+
+    def run(subcommand: str, *args: str):
+        return main([subcommand, *STATIC, *TINY_VIT, *FAST_TRAINER, "--trainer.max_epochs", "3", *FLAT, *args])
+
+    return run
+
+
 def test_last_ckpt_holds_every_epoch(plateau: Path) -> None:
     checkpoints = plateau / "runs/demo_static/version_0/checkpoints"
     last = torch.load(checkpoints / "last.ckpt", weights_only=True)
@@ -36,12 +50,60 @@ def test_last_ckpt_holds_every_epoch(plateau: Path) -> None:
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best-000.ckpt", "last.ckpt"]
 
 
+@pytest.mark.parametrize(("subcommand", "ckpt_path", "loaded"), [
+    ("test", "best", "best-000.ckpt"), ("validate", "last", "last.ckpt"), ("predict", "last", "last.ckpt"),
+])
+def test_ckpt_path_last_and_best_name_the_newest_run(in_plateau, plateau: Path, recwarn: pytest.WarningsRecorder,
+                                                      subcommand: str, ckpt_path: str, loaded: str) -> None:
+    cli = in_plateau(subcommand, "--ckpt_path", ckpt_path)
+    assert Path(cli.trainer.ckpt_path) == (plateau / "runs/demo_static/version_0/checkpoints" / loaded).resolve()
+    # the checkpoint's record of the fit's checkpoint folder is of no use here: no warning about it
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+
+
+def test_fit_ckpt_path_last_on_a_finished_run_says_so(in_plateau, caplog: pytest.LogCaptureFixture) -> None:
+    cli = in_plateau("fit", "--ckpt_path", "last")
+    assert cli.trainer.global_step == 9
+    assert "nothing left to train" in caplog.text
+
+
+@pytest.mark.parametrize("subcommand", ["test", "predict"])
+def test_ckpt_path_last_without_a_run_is_the_no_weights_error(run_cli, tmp_path: Path, subcommand: str) -> None:
+    with pytest.raises(ValueError, match=rf"{subcommand}: no weights to evaluate \(--ckpt_path last: no checkpoint "
+                                         r"of this config, looked for runs/demo_static/version_\*"):
+        run_cli(subcommand, *STATIC, *TINY_VIT, *FAST_TRAINER, "--ckpt_path", "last")
+    assert not (tmp_path / "runs").exists()
+
+
+def unloadable(tmp_path: Path, kind: str) -> Path:
+    """A checkpoint file cut short by an interrupted copy, not a checkpoint at all, or one that
+    holds a Python object a weights-only load refuses."""
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(4096)}, "epoch": 0}, path)
+        path.write_bytes(path.read_bytes()[:5000])
+    elif kind == "corrupt":
+        path.write_bytes(b"\x00not a checkpoint" * 100)
+    else:
+        torch.save({"state_dict": {}, "created": datetime.date(2020, 1, 1)}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["truncated", "corrupt", "unsafe"])
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_unloadable_ckpt_path_is_one_message_before_anything_is_written(run_cli, tmp_path: Path, kind: str,
+                                                                         subcommand: str) -> None:
+    path = unloadable(tmp_path, kind)
+    with pytest.raises(ValueError, match=rf"--ckpt_path: could not load '{path}' safely"):
+        run_cli(subcommand, *STATIC, *TINY_VIT, *FAST_TRAINER, "--ckpt_path", str(path))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_predict_writes_a_csv_in_the_run_folder(run_cli, image_folder: Path) -> None:
     data = ["--data.init_args.dataset", "folder", "--data.init_args.root", str(image_folder),
             "--data.init_args.auto_augment", "null"]
     run_cli("fit", *STATIC, *TINY_VIT, *FAST_TRAINER, *data)
-    cli = run_cli("predict", *STATIC, *TINY_VIT, *FAST_TRAINER, *data, "--ckpt_path",
-                  "runs/demo_static/version_0/checkpoints/last.ckpt")
+    cli = run_cli("predict", *STATIC, *TINY_VIT, *FAST_TRAINER, *data, "--ckpt_path", "last")
     with open(Path(cli.trainer.log_dir) / "predictions.csv") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 24 and [int(r["index"]) for r in rows] == list(range(24))  # the val split, in order
