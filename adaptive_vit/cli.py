@@ -6,15 +6,17 @@
     adaptive-vit benchmark --config configs/cfvit_deit.yaml --batch_sizes [1,64]
 
 Models and data are chosen by class name in the config (`model.class_path: CFViTLitModule`);
-`num_classes` is linked from the data to the model. A run's folder holds its config, checkpoints
-(`last.ckpt` after every epoch, `best-NNN.ckpt`), logs and, for `predict`, `predictions.csv`.
-`--ckpt_path last` / `best` name a checkpoint of the config's newest run. Checkpoints are loaded
-as untrusted files (`adaptive_vit.checkpoints.load_checkpoint_file`).
+`num_classes` is linked from the data to the model. Every run gets its own folder
+(`<save_dir>/<name>/version_N`, with or without loggers): its config, checkpoints (`last.ckpt` after
+every epoch, `best-NNN.ckpt`), logs and, for `predict`, `predictions.csv`. `--ckpt_path last` /
+`best` name a checkpoint of the config's newest run. Checkpoints are loaded as untrusted files
+(`adaptive_vit.checkpoints.load_checkpoint_file`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import warnings
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -125,13 +127,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 class AdaptiveViTCLI(LightningCLI):
     """LightningCLI with checkpointing on val/top1 (`last.ckpt` after every epoch and where a fit
-    stopped), `--ckpt_path last|best` naming the config's newest run, predictions written by
-    `predict`, the run's config saved beside its logs, `num_classes` linked from the data, and
-    `flops` / `benchmark` subcommands."""
+    stopped), a folder per run with or without loggers, `--ckpt_path last|best` naming the config's
+    newest run, predictions written by `predict`, the run's config saved beside its logs,
+    `num_classes` linked from the data, and `flops` / `benchmark` subcommands."""
 
     _resuming = False
     _checkpoint_step: int | None = None  # the global step of --ckpt_path
-    _run_dir: Path | None = None  # the folder of the run being resumed
+    _run_dir: Path | None = None  # the run folder, where this tool (not a logger) chooses it
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -169,6 +171,9 @@ class AdaptiveViTCLI(LightningCLI):
         if self.subcommand in RUNS:
             config = self.config[self.subcommand]
             self._resolve_ckpt_path(config)
+            if self._run_dir is None and _without_logger(config.trainer.logger):
+                root = _runs_root(config)
+                self._run_dir = root / f"version_{_next_version(root)}"
         # `flops` and `benchmark` measure one model in one process: a config written for 8 GPUs
         # with DDP and AMP must still run them (on whatever device this machine has).
         if self.subcommand in ("flops", "benchmark"):
@@ -227,13 +232,14 @@ class AdaptiveViTCLI(LightningCLI):
             self._load_checkpoint_first()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """`--trainer.enable_progress_bar false` drops the progress bars among the configured
-        callbacks (the demo configs list a RichProgressBar), which Lightning would refuse."""
-        config = self._get(self.config_init, "trainer", default={})
-        callbacks = config.get("callbacks") or []
-        if config.get("enable_progress_bar") is False:
-            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-            kwargs.setdefault("callbacks", [c for c in callbacks if not isinstance(c, ProgressBar)])
+        """The configured Trainer, less the callbacks the configuration rules out (progress bars with
+        `enable_progress_bar: false`, which Lightning would refuse; a LearningRateMonitor without a
+        logger, which it needs), and in its run folder when no logger chooses one."""
+        config = self.config_init[self.subcommand].trainer
+        callbacks = [c for c in _as_list(config.get("callbacks")) if not _ruled_out(c, config)]
+        kwargs.setdefault("callbacks", callbacks)
+        if self._run_dir is not None and _without_logger(config.get("logger")):
+            kwargs.setdefault("default_root_dir", str(self._run_dir))
         return super().instantiate_trainer(**kwargs)
 
     def _load_checkpoint_first(self) -> None:
@@ -249,6 +255,18 @@ class AdaptiveViTCLI(LightningCLI):
         self._checkpoint_step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
         if isinstance(strategy.checkpoint_io, SafeCheckpointIO):
             strategy.checkpoint_io.hand_over(path, checkpoint)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # LightningCLI has no public hook around a subcommand's run (`after_<subcommand>` is not
+        # called when it fails): a command that fails before writing any result leaves no run folder.
+        log_dir = self.trainer.log_dir if subcommand in RUNS else None
+        created = _outermost_missing(Path(log_dir)) if log_dir else None
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if created is not None and self.trainer.is_global_zero and not _holds_results(created):
+                shutil.rmtree(created, ignore_errors=True)
+            raise
 
     def after_fit(self) -> None:
         if self._resuming and self.trainer.global_step == self._checkpoint_step:
@@ -285,6 +303,11 @@ def _no_weights_message(subcommand: str, detail: str = "") -> str:
 # ---------------------------------------------------------------------------- run folders
 
 
+def _without_logger(logger: Any) -> bool:
+    """`trainer.logger: false` (or an empty list); None and true are Lightning's default logger."""
+    return logger is False or isinstance(logger, list) and not logger
+
+
 def _logger_configs(logger: Any) -> list[Any]:
     """The `init_args` of the configured loggers that have a save_dir."""
     configs = logger if isinstance(logger, list) else [logger]
@@ -294,11 +317,21 @@ def _logger_configs(logger: Any) -> list[Any]:
 
 def _runs_root(config: Any) -> Path:
     """The folder of this config's run folders (`version_N`): its first logger's `save_dir/name`,
-    or `<default_root_dir>/lightning_logs` for Lightning's default logger."""
+    `<default_root_dir>/lightning_logs` for Lightning's default logger, and without a logger
+    `<default_root_dir>/<model class>`."""
     loggers = _logger_configs(config.trainer.logger)
     if loggers:
         return Path(loggers[0].save_dir or ".") / (loggers[0].name or "")
-    return Path(config.trainer.default_root_dir or ".") / "lightning_logs"
+    root = Path(config.trainer.default_root_dir or ".")
+    if _without_logger(config.trainer.logger):
+        return root / config.model.class_path.rsplit(".", 1)[-1]
+    return root / "lightning_logs"
+
+
+def _next_version(root: Path) -> int:
+    """The first free `version_N` in `root`, as Lightning's loggers number theirs."""
+    versions = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
+    return max(versions, default=-1) + 1
 
 
 def _last_checkpoints(config: Any) -> tuple[list[Path], Path]:
@@ -368,6 +401,34 @@ def _keep_csv_metrics(loggers: list[Logger]) -> None:
         experiment = logger.experiment  # created here: removes metrics.csv
         path.write_text(rows)
         experiment.metrics_keys = rows.splitlines()[0].split(",") if rows else []
+
+
+def _outermost_missing(folder: Path) -> Path | None:
+    """The outermost of `folder` and its parents that does not exist yet (None: `folder` exists)."""
+    if folder.exists():
+        return None
+    while not folder.parent.exists():
+        folder = folder.parent
+    return folder
+
+
+def _holds_results(folder: Path) -> bool:
+    """Whether a folder holds anything a run produced: a checkpoint or a CSV of figures."""
+    return any(folder.rglob("*.ckpt")) or any(folder.rglob("*.csv"))
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
+def _ruled_out(callback: Any, trainer_config: Any) -> bool:
+    """A configured callback that cannot work with the rest of the configuration."""
+    if isinstance(callback, ProgressBar):
+        return trainer_config.get("enable_progress_bar") is False
+    return isinstance(callback, LearningRateMonitor) and _without_logger(trainer_config.get("logger"))
+
+
+# ---------------------------------------------------------------------------- entry point
 
 
 def main(args: list[str] | None = None) -> AdaptiveViTCLI | None:

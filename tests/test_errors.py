@@ -47,6 +47,7 @@ def test_checkpoint_of_another_method_loses_nothing(run_cli, tmp_path: Path) -> 
         run_cli("test", "--config", str(REPO / "configs/demo/cfvit.yaml"), *FAST_TRAINER,
                 "--ckpt_path", str(run / "checkpoints/last.ckpt"))
     assert snapshot(run) == before  # the earlier run's files are untouched
+    assert not (tmp_path / "runs/demo_cfvit").exists()  # nor a run folder of the failed test left behind
 
 
 def test_budget_below_the_cheapest_exit(run_cli) -> None:

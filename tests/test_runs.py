@@ -1,10 +1,11 @@
 """Run folders and checkpoints: `last.ckpt` after every epoch, `--ckpt_path last|best` in a new
-process, files that cannot be loaded, and `predict`'s CSV."""
+process, files that cannot be loaded, runs without a logger, and `predict`'s CSV."""
 
 from __future__ import annotations
 
 import csv
 import datetime
+import hashlib
 import sys
 from pathlib import Path
 
@@ -17,6 +18,11 @@ from conftest import FAST_TRAINER, REPO, TINY_VIT
 STATIC = ["--config", str(REPO / "configs/demo/static.yaml")]
 # The weights do not move: val/top1 of the first epoch is never improved on.
 FLAT = ["--model.init_args.lr", "1e-8", "--model.init_args.warmup_lr", "1e-9", "--model.init_args.min_lr", "1e-9"]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +103,26 @@ def test_unloadable_ckpt_path_is_one_message_before_anything_is_written(run_cli,
     with pytest.raises(ValueError, match=rf"--ckpt_path: could not load '{path}' safely"):
         run_cli(subcommand, *STATIC, *TINY_VIT, *FAST_TRAINER, "--ckpt_path", str(path))
     assert not (tmp_path / "runs").exists()
+
+
+def test_runs_without_a_logger_get_their_own_folders(run_cli, tmp_path: Path) -> None:
+    """`--trainer.logger false` with the config's callbacks (a LearningRateMonitor among them): each
+    run writes in a version folder of its own, and a resumed one in the folder of the run it continues."""
+    at = FAST_TRAINER.index("--trainer.callbacks")
+    args = [*STATIC, *TINY_VIT, *FAST_TRAINER[:at], *FAST_TRAINER[at + 2:], "--trainer.logger", "false"]
+    runs = tmp_path / "runs/StaticViTLitModule"
+    first = run_cli("fit", *args)
+    assert Path(first.trainer.log_dir) == Path("runs/StaticViTLitModule/version_0")
+    before = snapshot(runs / "version_0")
+    run_cli("fit", *args)
+    assert snapshot(runs / "version_0") == before  # nothing of the first run overwritten
+    for run in ("version_0", "version_1"):
+        assert {"config.yaml", "flops_budget.csv", "checkpoints/last.ckpt"} <= set(snapshot(runs / run))
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["StaticViTLitModule"]
+
+    resumed = run_cli("fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert Path(resumed.trainer.log_dir) == Path("runs/StaticViTLitModule/version_1")
+    assert torch.load(runs / "version_1/checkpoints/last.ckpt", weights_only=True)["epoch"] == 1
 
 
 def test_predict_writes_a_csv_in_the_run_folder(run_cli, image_folder: Path) -> None:
