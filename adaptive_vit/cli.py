@@ -10,12 +10,16 @@ Models and data are chosen by class name in the config (`model.class_path: CFViT
 (`<save_dir>/<name>/version_N`, with or without loggers): its config, checkpoints (`last.ckpt` after
 every epoch, `best-NNN.ckpt`), logs and, for `predict`, `predictions.csv`. `--ckpt_path last` /
 `best` name a checkpoint of the config's newest run. Checkpoints are loaded as untrusted files
-(`adaptive_vit.checkpoints.load_checkpoint_file`).
+(`adaptive_vit.checkpoints.load_checkpoint_file`), and a mistake on the command line or in a config
+ends in one message naming the fix (`_configuration_message`).
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -24,13 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from jsonargparse import ArgumentError, ArgumentParser
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 # Imported so that configs can name every class by its short name.
 import adaptive_vit.callbacks  # noqa: F401
@@ -156,6 +162,24 @@ class AdaptiveViTCLI(LightningCLI):
             **{f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()},
         })
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
+        """Parse, turning jsonargparse's error (a usage block and nested Union reports) into one
+        message naming the mistake and its fix (`_configuration_message`). `main(args)` is how
+        scripts run this tool whatever their own command line, hence no warning about `args`
+        next to `sys.argv` (LightningCLI's)."""
+        try:
+            self.config = parser.parse_args(args)
+        except ArgumentError as err:
+            argv = sys.argv[1:] if args is None else list(args)
+            subcommand = next((arg for arg in argv if arg in self.subcommands()), None)
+            raise ValueError(_configuration_message(err, argv, subcommand, self._known_keys(subcommand))) from err
+
+    def _known_keys(self, subcommand: str | None) -> list[str]:
+        """Every option of a subcommand (`trainer.max_epochs`, `checkpoint.monitor`, `ckpt_path`...)."""
+        # LightningCLI keeps its subcommands' parsers there, with no public accessor.
+        parser = self._subcommand_parsers.get(subcommand) if subcommand else None
+        return list(parser.get_defaults(skip_validation=True).keys()) if parser else []
 
     def _parse_ckpt_path(self) -> None:
         """Keep the config as the source of truth when `--ckpt_path` is given.
@@ -428,6 +452,161 @@ def _ruled_out(callback: Any, trainer_config: Any) -> bool:
     return isinstance(callback, LearningRateMonitor) and _without_logger(trainer_config.get("logger"))
 
 
+# ---------------------------------------------------------------------------- configuration errors
+
+
+def _configuration_message(err: ArgumentError, argv: list[str], subcommand: str | None,
+                          known_keys: list[str] | None = None) -> str:
+    """One message for what jsonargparse could not parse: the option, the mistake and the fix.
+
+    Args:
+        err: jsonargparse's error; its chain of causes runs from the section (`Parser key "model"`)
+            through the class (`Problem with given class_path '...'`) down to the mistake itself.
+        argv: the command line (its config files are searched for a YAML syntax error).
+        subcommand: the subcommand given, if any.
+        known_keys: every option of the subcommand, for suggestions on a mistyped one.
+    """
+    chain = _chain(err)
+    mistake = str(chain[-1]).strip()
+    key = _key_path(chain)
+    if missing := re.search(r"File does not exist: '(.+?)'", mistake):
+        return (f"--{key or 'config'} {missing[1]}: the file does not exist. Check the path (a relative "
+                f"path starts from the current folder, {Path.cwd()}).")
+    if any(isinstance(error, yaml.YAMLError) for error in chain):
+        return _yaml_syntax_error(argv) or f"a config is not valid YAML: {mistake}"
+    if unknown := _unknown_option(mistake, key, chain, known_keys or []):
+        option, close, where = unknown
+        return (f"unknown option {option}." + (f" Did you mean {close}?" if close else "")
+                + f" See the options with `adaptive-vit {subcommand or ''} {where}`.")
+    if wrong := re.match(r"Expected a <class '(\w+)'>\. Got value: (.*)", mistake, re.S):
+        return (f"{key}: expected {_expected_types(chain) or wrong[1]}, got {wrong[2]!r}. Fix the value on "
+                f"the command line (--{key}) or in the config file.")
+    if name := re.match(r"Expected a dot import path string: (.+)", mistake):
+        close = _closest(name[1], _subclass_names(chain))
+        return (f"{key}: no class {name[1]!r}." + (f" Did you mean {close}?" if close else "")
+                + " Give a class name this tool knows or a full import path (package.module.Class).")
+    if choice := re.search(r"invalid choice: '(.+?)' \(choose from (.+)\)", mistake):
+        close = _closest(choice[1], re.findall(r"'(.+?)'", choice[2]))
+        return f"unknown subcommand {choice[1]!r}." + (f" Did you mean {close}?" if close else "") + \
+            f" The subcommands: {choice[2].replace(chr(39), '')}."
+    return f"{key}: {mistake}" if key else mistake
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """`err` and the exceptions it was raised from, outermost first."""
+    chain = [err]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
+        chain.append(cause)
+    return chain
+
+
+def _key_path(chain: list[BaseException]) -> str:
+    """The dotted option the chain is about (`model.init_args.thresholds`)."""
+    parts: list[str] = []
+    for error in chain:
+        text = str(error)
+        if key := re.match(r'Parser key "(.+?)"', text):
+            part = key[1]
+        elif text.startswith("Problem with given class_path"):
+            part = "init_args"
+        else:
+            continue
+        if not parts or parts[-1] != part:
+            parts.append(part)
+    return ".".join(parts)
+
+
+def _unknown_option(mistake: str, key: str, chain: list[BaseException],
+                    known_keys: list[str]) -> tuple[str, str | None, str] | None:
+    """A mistyped option: its name, the known one closest to it and where all are listed."""
+    if option := re.match(r"Option '(.+?)' is not accepted", mistake):  # a class's init argument
+        class_path = next(m[1] for e in chain if (m := re.match(r"Problem with given class_path '(.+?)'", str(e))))
+        init_args = key.rsplit(".init_args", 1)[0] + ".init_args"  # the option may be in a group (`backbone.`)
+        options = [f"{init_args}.{k}" for k in _init_arguments(class_path)]
+        typed, where = f"{key}.{option[1]}", f"--{key.split('.')[0]}.help {class_path.rsplit('.', 1)[-1]}"
+    elif option := re.search(r"does not accept option '(.+?)'|unrecognized arguments: --?([^\s=]+)", mistake):
+        options, typed, where = known_keys, option[1] or option[2], "--help"
+    else:
+        return None
+    return typed, _closest(typed, options), where
+
+
+def _closest(typed: str, known: list[str]) -> str | None:
+    """The known name closest to a mistyped one; for a dotted option, first among its siblings
+    (`checkpoint.monitr`: `checkpoint.monitor`, not `checkpoint.mode`)."""
+    section, _, leaf = typed.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section}
+    close = difflib.get_close_matches(leaf, list(siblings), n=1)
+    if close:
+        return siblings[close[0]]
+    return next(iter(difflib.get_close_matches(typed, known, n=1)), None)
+
+
+def _subclass_names(chain: list[BaseException]) -> list[str]:
+    """The names of the classes a class option accepts: the subclasses of the base class in
+    jsonargparse's Union report (`AdaptiveLitModule`: `StaticViTLitModule`, `CFViTLitModule`...)."""
+    base = next((m[1] for e in chain if (m := re.search(r"Subtypes: \[<class '(.+?)'>", str(e)))), None)
+    if base is None:
+        return []
+    classes, names = [_import_class(base)], []
+    while classes:
+        subclasses = classes.pop().__subclasses__()
+        classes += subclasses
+        names += [c.__name__ for c in subclasses]
+    return names
+
+
+def _init_arguments(class_path: str) -> list[str]:
+    """The init arguments a config may give a class, as jsonargparse resolves them."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(_import_class(class_path))
+    return list(parser.get_defaults(skip_validation=True).keys())
+
+
+def _import_class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _expected_types(chain: list[BaseException]) -> str:
+    """The types the innermost option accepts (`int or null`), from jsonargparse's Union report."""
+    last_key = max((i for i, e in enumerate(chain) if re.match(r'Parser key "|Problem with given class_path', str(e))),
+                   default=0)
+    for error in chain[last_key:]:
+        if subtypes := re.match(r"Does not validate against any of the Union subtypes\nSubtypes: \[(.+?)\]\n",
+                                str(error)):
+            names = re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", subtypes[1]).replace("NoneType", "null")
+            return " or ".join(names.split(", "))
+    return ""
+
+
+def _yaml_syntax_error(argv: list[str]) -> str | None:
+    """Where the first YAML config file on the command line that does not parse goes wrong."""
+    for arg in argv:
+        path = Path(arg.split("=", 1)[-1])
+        if path.suffix not in (".yaml", ".yml", ".json") or not path.is_file():
+            continue
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.MarkedYAMLError as err:
+            mark, context = err.problem_mark, err.context_mark
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            around = f" ({err.context}, from line {context.line + 1})" if err.context and context else ""
+            return f"{path}{where}: {err.problem}{around}. Fix the YAML syntax there."
+        except yaml.YAMLError as err:
+            return f"{path}: {err}. Fix the YAML syntax there."
+    return None
+
+
+def _root_message(err: BaseException) -> str:
+    """The message of the mistake itself: an error a class raised while jsonargparse instantiated
+    it comes wrapped in its report of every type it tried."""
+    for error in _chain(err):
+        if not str(error).startswith("Does not validate against any of the Union subtypes"):
+            return str(error)
+    return str(err)
+
+
 # ---------------------------------------------------------------------------- entry point
 
 
@@ -436,8 +615,8 @@ def main(args: list[str] | None = None) -> AdaptiveViTCLI | None:
 
     Called with `args` (tests, scripts), it returns the CLI (trainer, model, datamodule) and lets
     errors propagate. On the command line it returns None (the console script passes the result
-    to sys.exit), and a configuration mistake (a missing file, a bad value, a checkpoint that does
-    not load or fit) ends with its message and exit status 2 rather than a
+    to sys.exit), and a configuration mistake (a missing file, a mistyped option, a bad value, a
+    checkpoint that does not load or fit) ends with its message and exit status 2 rather than a
     traceback; set ADAPTIVE_VIT_DEBUG=1 for the traceback. A fit stopped by SIGTERM exits with
     status 143 (128 + SIGTERM, as if killed: Lightning's own exit would report success to the
     scheduler).
@@ -450,22 +629,12 @@ def main(args: list[str] | None = None) -> AdaptiveViTCLI | None:
         print("adaptive-vit: stopped by SIGTERM; continue with the same command and "
               "--ckpt_path last", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         if os.environ.get("ADAPTIVE_VIT_DEBUG"):
             raise
-        print(f"adaptive-vit: error: {_own_message(err)}", file=sys.stderr)
+        print(f"adaptive-vit: error: {_root_message(err)}", file=sys.stderr)
         sys.exit(2)
     return None
-
-
-def _own_message(err: BaseException) -> str:
-    """The message an instantiation error carries, without jsonargparse's Union wrapping."""
-    text = str(err)
-    if not text.startswith("Does not validate against any of the Union subtypes"):
-        return text
-    reasons = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
-    reasons = [r for r in reasons if not r.startswith("Expected a <class 'NoneType'>")]
-    return "\n".join(reasons) or text
 
 
 def _run(args: list[str] | None) -> AdaptiveViTCLI:
@@ -479,5 +648,6 @@ def _run(args: list[str] | None) -> AdaptiveViTCLI:
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
+        parser_kwargs={"exit_on_error": False},  # errors reach `parse_arguments`
         args=args,
     )
