@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import os
 import re
 import shutil
@@ -31,12 +32,14 @@ import torch
 import yaml
 from jsonargparse import ArgumentError, ArgumentParser
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning_utilities.core import rank_zero
 
 # Imported so that configs can name every class by its short name.
 import adaptive_vit.callbacks  # noqa: F401
@@ -46,7 +49,7 @@ from adaptive_vit.checkpoints import load_checkpoint_file
 from adaptive_vit.data import ImageDataModule
 from adaptive_vit.methods.base import AdaptiveLitModule
 from adaptive_vit.runtime import keep_freed_memory
-from adaptive_vit.trainer import AdaptiveTrainer
+from adaptive_vit.trainer import AdaptiveTrainer, print_table
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     # The robustness callback needs gradients at test time.
@@ -112,6 +115,33 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def _save_last(self, trainer: Trainer) -> None:
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class CostSummary(ModelSummary):
+    """Lightning's model summary with this tool's GFLOPs per image in place of Lightning's FLOPs.
+
+    Lightning's FLOPs column counts a forward of the module's `example_input_array` with torch's
+    counter (two per multiply-add), and reads 0 for every module without one; this tool counts
+    multiply-adds (fvcore, as the papers do), per exit of the adaptive network.
+    """
+
+    _module: AdaptiveLitModule | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._module = pl_module
+        super().on_fit_start(trainer, pl_module)
+
+    def summarize(self, summary_data: list[tuple[str, list[str]]], total_parameters: int,
+                  trainable_parameters: int, model_size: float, total_training_modes: dict[str, int],
+                  total_flops: int, **summarize_kwargs: Any) -> None:
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        print_table(type(self._module).__name__, [name for name, _ in columns],
+                    list(zip(*(values for _, values in columns))))
+        net = self._module.net
+        cost = ", ".join(f"{name} {gflops:.4g}" for name, gflops in zip(net.exit_names, net.exit_gflops()))
+        print(f"Parameters: {get_human_readable_count(total_parameters)} "
+              f"({get_human_readable_count(trainable_parameters)} trainable), {model_size:.3f} MB\n"
+              f"GFLOPs per image{' at each exit (cumulative)' if net.num_exits > 1 else ''}: {cost}")
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -258,9 +288,14 @@ class AdaptiveViTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured Trainer, less the callbacks the configuration rules out (progress bars with
         `enable_progress_bar: false`, which Lightning would refuse; a LearningRateMonitor without a
-        logger, which it needs), and in its run folder when no logger chooses one."""
+        logger, which it needs), with this tool's model summary, and in its run folder when no
+        logger chooses one."""
         config = self.config_init[self.subcommand].trainer
         callbacks = [c for c in _as_list(config.get("callbacks")) if not _ruled_out(c, config)]
+        if config.get("enable_model_summary") is not False and not config.get("barebones"):
+            if not any(isinstance(c, ModelSummary) for c in callbacks):
+                callbacks.append(CostSummary())
+            kwargs["enable_model_summary"] = False  # Lightning's own: it would also announce ours
         kwargs.setdefault("callbacks", callbacks)
         if self._run_dir is not None and _without_logger(config.get("logger")):
             kwargs.setdefault("default_root_dir", str(self._run_dir))
@@ -610,6 +645,18 @@ def _root_message(err: BaseException) -> str:
 # ---------------------------------------------------------------------------- entry point
 
 
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip")
+
+
+def _quiet_lightning() -> None:
+    """Keep off a user's screen what concerns Lightning, not them: its tip about a logging service,
+    and torch's deprecation of an API that Lightning's own code calls."""
+    rank_zero.log.addFilter(_not_a_tip)  # the logger of Lightning's rank_zero_info
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+
+
 def main(args: list[str] | None = None) -> AdaptiveViTCLI | None:
     """Entry point of `adaptive-vit` (also `python -m adaptive_vit`).
 
@@ -639,6 +686,7 @@ def main(args: list[str] | None = None) -> AdaptiveViTCLI | None:
 
 def _run(args: list[str] | None) -> AdaptiveViTCLI:
     keep_freed_memory()  # CPU work reuses freed tensor memory instead of page-faulting it afresh
+    _quiet_lightning()
     return AdaptiveViTCLI(
         model_class=AdaptiveLitModule,
         datamodule_class=ImageDataModule,
