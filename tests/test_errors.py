@@ -61,18 +61,17 @@ def test_missing_config_file_from_the_console(tmp_path: Path) -> None:
 BAD_YAML = "trainer:\n  max_epochs: 3\n  devices: [1\nmodel: x\n"
 
 
+def mistyped(option: str, meant: str, where: str = "--help") -> str:
+    return f"unknown option {option}. Did you mean {meant}? See the options with `adaptive-vit fit {where}`."
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--config", "bad.yaml"], "bad.yaml, line 4, column 6: expected ',' or ']', but got ':' (while parsing a flow "
                                "sequence, from line 3). Fix the YAML syntax there."),
     ([*STATIC, "--model.init_args.treshold", "0.5"],
-     "unknown option model.init_args.treshold. Did you mean model.init_args.thresholds? See the options with "
-     "`adaptive-vit fit --model.help StaticViTLitModule`."),
-    ([*STATIC, "--config", "typo.yaml"],
-     "unknown option trainer.max_epoch. Did you mean trainer.max_epochs? See the options with "
-     "`adaptive-vit fit --help`."),
-    ([*STATIC, "--checkpoint.monitr", "val/top5"],
-     "unknown option checkpoint.monitr. Did you mean checkpoint.monitor? See the options with "
-     "`adaptive-vit fit --help`."),
+     mistyped("model.init_args.treshold", "model.init_args.thresholds", "--model.help StaticViTLitModule")),
+    ([*STATIC, "--config", "typo.yaml"], mistyped("trainer.max_epoch", "trainer.max_epochs")),
+    ([*STATIC, "--checkpoint.monitr", "val/top5"], mistyped("checkpoint.monitr", "checkpoint.monitor")),
     ([*STATIC, "--trainer.max_epochs", "abc"],
      "trainer.max_epochs: expected int or null, got 'abc'. Fix the value on the command line (--trainer.max_epochs) "
      "or in the config file."),
@@ -82,8 +81,8 @@ BAD_YAML = "trainer:\n  max_epochs: 3\n  devices: [1\nmodel: x\n"
 ])
 def test_configuration_mistakes_are_one_message_naming_the_fix(console, tmp_path: Path, args: list[str],
                                                                message: str) -> None:
-    """A missing file, a YAML syntax error, a mistyped key (on the command line or in a config) and
-    a wrong type: one line naming the option and the fix, exit status 2, no usage block."""
+    """A YAML syntax error, a mistyped key (on the command line or in a config), a wrong type and an
+    unknown class: one line naming the option and the fix, exit status 2, no usage block."""
     (tmp_path / "bad.yaml").write_text(BAD_YAML)
     (tmp_path / "typo.yaml").write_text("trainer:\n  max_epoch: 3\n")
     assert console("fit", *args) == (2, f"adaptive-vit: error: {message}")
