@@ -71,8 +71,25 @@ def test_progress_bar_off_drops_the_configured_one(run_cli, image_folder: Path) 
 
 @pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
 def test_evaluating_without_weights_is_an_error(run_cli, subcommand: str) -> None:
-    with pytest.raises(SystemExit, match=f"adaptive-vit {subcommand}: no weights to evaluate. Pass --ckpt_path"):
+    with pytest.raises(ValueError, match=f"{subcommand}: no weights to evaluate. Pass --ckpt_path"):
         run_cli(subcommand, *STATIC, *TINY_VIT, *FAST_TRAINER)
+
+
+def test_first_screen_carries_what_concerns_the_user(run_cli, monkeypatch: pytest.MonkeyPatch,
+                                                    capfd: pytest.CaptureFixture,
+                                                    recwarn: pytest.WarningsRecorder) -> None:
+    """What `make demo` shows first: the model with this tool's GFLOPs (not Lightning's FLOPs column,
+    0 for every module), and none of Lightning's notes about itself: its tip about a logging
+    service, its warning about `args` (benchmarks/demo.py calls `main(args)` with its own command
+    line), the deprecation of an API its internals call."""
+    monkeypatch.setattr(sys, "argv", ["benchmarks/demo.py", "--runs", "runs/demo"])
+    cli = run_cli("fit", *STATIC, *TINY_VIT, *FAST_TRAINER)
+    shown = "".join(capfd.readouterr())
+    gflops = cli.model.net.static_gflops()
+    assert f"GFLOPs per image: final {gflops:.4g}" in shown
+    assert "FLOPs ┃" not in shown and "Total FLOPs" not in shown and "litlogger" not in shown
+    notes = [str(w.message) for w in recwarn]
+    assert not [n for n in notes if "args parameter" in n or "LeafSpec" in n], notes
 
 
 def test_init_from_missing_file_and_wrong_layout(run_cli, tmp_path: Path) -> None:

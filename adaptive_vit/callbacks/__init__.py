@@ -5,7 +5,8 @@ Imported by the CLI, so configs name them by short name (``class_path: Threshold
 
 from adaptive_vit.callbacks.calibration import ThresholdCalibration
 from adaptive_vit.callbacks.flops_budget import FlopsBudgetTracker
+from adaptive_vit.callbacks.predictions import PredictionWriter
 from adaptive_vit.callbacks.robustness import RobustnessEvaluation
 from adaptive_vit.callbacks.visualize import VisualizeDecisions
 
-__all__ = ["FlopsBudgetTracker", "RobustnessEvaluation", "ThresholdCalibration", "VisualizeDecisions"]
+__all__ = ["FlopsBudgetTracker", "PredictionWriter", "RobustnessEvaluation", "ThresholdCalibration", "VisualizeDecisions"]

@@ -48,7 +48,10 @@ class FlopsBudgetTracker(Callback):
         per_block: bool = False,
     ) -> None:
         if target_gflops is not None and target_gflops <= 0:
-            raise ValueError(f"FlopsBudgetTracker: target_gflops must be positive, got {target_gflops}")
+            raise ValueError(
+                f"FlopsBudgetTracker: target_gflops must be positive, got {target_gflops}: the mean GFLOPs per "
+                "image to stay within (`adaptive-vit flops --config ...` reports the model's), or null for none."
+            )
         if tolerance < 0:
             raise ValueError(f"FlopsBudgetTracker: tolerance must be >= 0, got {tolerance}")
         self.target_gflops = target_gflops

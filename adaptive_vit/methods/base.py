@@ -204,9 +204,12 @@ class AdaptiveLitModule(LightningModule):
         return self._eval_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Per image: the predicted class, its confidence (max softmax), the exit that answered and
+        the GFLOPs executed (written to the run folder by the `PredictionWriter` callback)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         out = self.net.forward_adaptive(x, self.net.exit_thresholds.tolist())
-        return {"prediction": out.logits.argmax(-1), "exit": out.exit_index, "gflops": out.gflops}
+        confidence, prediction = out.logits.float().softmax(-1).max(-1)
+        return {"prediction": prediction, "confidence": confidence, "exit": out.exit_index, "gflops": out.gflops}
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Tensor]:
         x, target = batch

@@ -108,6 +108,11 @@ class MIALitModule(AdaptiveLitModule):
             )
         if not 0.0 <= inherit_fraction <= 1.0:
             raise ValueError(f"inherit_fraction must be in [0, 1] (got {inherit_fraction}).")
+        if target_gflops <= 0:
+            raise ValueError(
+                f"target_gflops must be positive, got {target_gflops}: the mean GFLOPs per image the policy "
+                "aims at, below the all-on cost that `adaptive-vit flops --config ...` reports."
+            )
         super().__init__(**kwargs)
         self.phase: str | None = None
         self.enter_phase(self.schedule()[0][0])
