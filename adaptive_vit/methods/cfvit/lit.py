@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from adaptive_vit.backbones import build_backbone
+from adaptive_vit.backbones import build_backbone, family_for
 from adaptive_vit.methods.base import AdaptiveLitModule
 from adaptive_vit.methods.cfvit.convert import convert_authors_checkpoint, is_authors_checkpoint
 from adaptive_vit.methods.cfvit.model import CFViT
@@ -34,6 +33,8 @@ class CFViTLitModule(AdaptiveLitModule):
             epochs re-split every patch (the authors: 200 of 300).
         kl_weight: weight of the KL term (the paper: 1). An ablation knob: 0 trains the fine
             stage alone (the coarse stage then learns only through the shared blocks).
+        dense_weight: backbones with a token-labeling head (LV-ViT) only: the weight of its
+            maximum over tokens in each stage's prediction (the authors: 0.25; see `CFViT`).
         **kwargs: `AdaptiveLitModule` arguments (backbone, lr, weight_decay, warm-up, init_from,
             thresholds, ...). ``init_from`` also takes the authors' released checkpoints.
     """
@@ -46,6 +47,7 @@ class CFViTLitModule(AdaptiveLitModule):
         cls_attn_start: int = 3,
         selection_epoch: int = 200,
         kl_weight: float = 1.0,
+        dense_weight: float = 0.25,
         **kwargs,
     ) -> None:
         if kl_weight < 0:
@@ -56,7 +58,8 @@ class CFViTLitModule(AdaptiveLitModule):
         hp = self.hparams
         spec = self.backbone_spec.with_(img_size=self._full_size())
         vit, _ = build_backbone(spec, hp.num_classes)
-        net = CFViT(vit, alpha=hp.alpha, beta=hp.beta, cls_attn_start=hp.cls_attn_start)
+        net = CFViT(vit, alpha=hp.alpha, beta=hp.beta, cls_attn_start=hp.cls_attn_start,
+                    dense_weight=hp.dense_weight)
         if net.coarse_grid != hp.coarse_grid:
             patch = net.family.dims(vit).patch_size
             raise ValueError(
@@ -67,12 +70,11 @@ class CFViTLitModule(AdaptiveLitModule):
         return net
 
     def _full_size(self) -> int:
-        """backbone.img_size, or 2·g·patch when unset (the patch side from patch_size or the name)."""
+        """backbone.img_size, or 2·g·patch when unset (the patch side from patch_size or the family)."""
         spec = self.backbone_spec
         if spec.img_size is not None:
             return spec.img_size
-        match = re.search(r"patch(\d+)", spec.name)
-        patch = spec.patch_size or (int(match.group(1)) if match else None)
+        patch = spec.patch_size or family_for(spec.name).default_patch_size(spec.name)
         if patch is None:
             raise ValueError(
                 f"cannot tell the patch size of {spec.name!r}: set backbone.img_size (2·coarse_grid·patch)."

@@ -30,8 +30,8 @@ from timm.layers import Mlp, resample_abs_pos_embed
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import Tensor, nn
 
-from adaptive_vit.backbones import BackboneFamily, create_vit, family_of
-from adaptive_vit.flops import block_flops, mlp_flops, norm_flops, patch_embed_flops
+from adaptive_vit.backbones import BackboneFamily, combine_heads, create_vit, family_of
+from adaptive_vit.flops import block_flops, mlp_flops, norm_flops
 from adaptive_vit.methods.network import AdaptiveNetwork, AdaptiveOutput
 
 # fvcore counts 4 FLOPs per output element of a bilinear resize (aten::upsample_bilinear2d).
@@ -73,12 +73,16 @@ class CFViT(AdaptiveNetwork):
         alpha: informative ratio α in (0, 1]: k = ⌈α·Nc⌉ patches are re-split.
         beta: EMA factor β of the global class attention.
         cls_attn_start: first block (0-based) whose class attention enters G.
+        dense_weight: for a backbone with a token-labeling head (LV-ViT), the weight w of the
+            token head's maximum in each stage's prediction: coarse (cls + w·max)/(1 + w), fine
+            cls + w·max, the authors' (`cf_lvvit_small`: w = 0.25, the coarse sum divided by 1.25,
+            the fine one not). Unused for backbones without one.
     """
 
     exit_names = ("coarse", "fine")
 
     def __init__(self, vit: nn.Module, alpha: float = 0.5, beta: float = 0.99,
-                 cls_attn_start: int = 3) -> None:
+                 cls_attn_start: int = 3, dense_weight: float = 0.25) -> None:
         super().__init__()
         self.family = family = family_of(vit)
         _check_backbone(vit, family)
@@ -93,6 +97,7 @@ class CFViT(AdaptiveNetwork):
         self.vit = vit
         self.coarse_grid = family.dims(vit).grid[0] // 2
         self.alpha, self.beta, self.cls_attn_start = alpha, beta, cls_attn_start
+        self.dense_weight = dense_weight
         dim = dims["dim"]
         # Start from the fine embedding resampled to the coarse grid (meaningful for pretrained
         # backbones; for a fresh backbone it is as random as the fine one).
@@ -151,7 +156,7 @@ class CFViT(AdaptiveNetwork):
         embedding = self.family.tokenize(self.vit, small) + self.coarse_pos_embed[:, 1:]  # (B, Nc, D)
         cls = (self.family.cls_token(self.vit) + self.coarse_pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         tokens, attention = self._encode(torch.cat([cls, embedding], 1), track_attention)
-        return CoarseOutput(self.family.head(self.vit, tokens), tokens[:, 1:], embedding, attention)
+        return CoarseOutput(self._predict(tokens, 1 + self.dense_weight), tokens[:, 1:], embedding, attention)
 
     def fine_stage(self, x: Tensor, coarse: CoarseOutput, split_all: bool = False) -> Tensor:
         """Re-split the informative (or, with `split_all`, every) patch → p_f (B, classes).
@@ -170,7 +175,7 @@ class CFViT(AdaptiveNetwork):
         # Token order after cls does not matter (no position-dependent op past the embeddings).
         tokens = torch.cat([cls, fine, _gather(coarse.embedding, rest)], 1)  # (B, 1+Nf, D)
         tokens, _ = self._encode(tokens, track_attention=False)
-        return self.family.head(self.vit, tokens)
+        return self._predict(tokens, 1.0)
 
     def select(self, coarse: CoarseOutput, split_all: bool = False) -> tuple[Tensor, Tensor]:
         """Coarse patch indices to re-split (B, k) — the top-k by G — and to keep (B, Nc−k)."""
@@ -187,16 +192,18 @@ class CFViT(AdaptiveNetwork):
     def _embed_fine(self, x: Tensor, informative: Tensor) -> Tensor:
         """Embed only the 2×2 fine patches of the selected regions, with their position
         embedding: (B, k, 4, D), the four in row-major order within each region."""
-        B, C, H, W = x.shape
-        g, k, side = self.coarse_grid, informative.shape[1], H // self.coarse_grid
-        regions = x.reshape(B, C, g, side, g, side).permute(0, 2, 4, 1, 3, 5)  # (B, g, g, C, 2p, 2p)
-        rows = torch.arange(B, device=x.device)[:, None]
-        crops = regions[rows, informative // g, informative % g]  # (B, k, C, 2p, 2p)
-        fine = self.family.tokenize(self.vit, crops.reshape(B * k, C, side, side))  # (B*k, 4, D)
-        dim = fine.shape[-1]
+        g, dim = self.coarse_grid, self.family.dims(self.vit).dim
+        fine = self.family.tokenize_regions(self.vit, x, g, informative)  # (B, k, 4, D)
         pos = self.family.pos_embed(self.vit)[0, 1:].view(g, 2, g, 2, dim).permute(0, 2, 1, 3, 4)
         pos = pos.reshape(g * g, 4, dim)  # (Nc, 4, D): fine embedding by coarse region
-        return fine.view(B, k, 4, dim) + pos[informative]
+        return fine + pos[informative]
+
+    def _predict(self, tokens: Tensor, scale: float) -> Tensor:
+        """Normed tokens → logits: the class head, and with a token-labeling head (LV-ViT)
+        (cls + dense_weight·max over tokens) / scale."""
+        logits = self.family.head(self.vit, tokens)
+        dense = self.family.dense_head(self.vit, tokens)
+        return logits if dense is None else combine_heads(logits, dense, self.dense_weight, scale)
 
     def _encode(self, tokens: Tensor, track_attention: bool) -> tuple[Tensor, Tensor | None]:
         """Blocks + final norm on (B, N, D) tokens; the EMA of the cls row from `cls_attn_start`."""
@@ -253,23 +260,26 @@ class CFViT(AdaptiveNetwork):
     def exit_gflops(self) -> list[float]:
         """[coarse, coarse + fine] GFLOPs per image, analytic (equal to fvcore's count).
 
-        Coarse: resize, patch embedding of Nc patches, blocks on 1+Nc tokens, norm, head.
-        Fine: patch embedding of the 4k re-split patches, the reuse LN + MLP on their k coarse
-        tokens, blocks on 1+Nf tokens, norm, head. The side-computed cls row (one query per
+        Coarse: resize, tokenizer on the half-size image, blocks on 1+Nc tokens, norm, heads.
+        Fine: the tokens of the k re-split regions (a patch embedding: of their 4k patches only;
+        LV-ViT's stem: its convolutions on the whole image, its projection on the 4k patches),
+        the reuse LN + MLP on their k coarse tokens, blocks on 1+Nf tokens, norm, heads (a
+        token-labeling head runs on every patch token; the max over tokens counts 0). The side-computed cls row (one query per
         head, ~0.02 % of a block on the fused path, free on the explicit one) is not counted.
         """
         d = self.family.dims(self.vit).as_dict()
-        dim, channels, patch = d["dim"], d["in_chans"], d["patch_size"]
+        dim, channels = d["dim"], d["in_chans"]
         k = self.num_informative
 
-        def encoder(tokens: int) -> float:  # blocks, final norm, head on 1+tokens
+        def encoder(tokens: int) -> float:  # blocks, final norm, heads on 1+tokens
             blocks = d["depth"] * block_flops(1 + tokens, dim, d["num_heads"], d["mlp_hidden"])
-            return blocks + norm_flops(1 + tokens, dim) + dim * d["num_classes"]
+            return blocks + norm_flops(1 + tokens, dim) + self.family.head_flops(self.vit, 1 + tokens)
 
-        half = self.input_size()[1] // 2
-        coarse = (BILINEAR_FLOPS_PER_ELEMENT * channels * half * half
-                  + patch_embed_flops(self.num_coarse, dim, patch, channels) + encoder(self.num_coarse))
-        fine = (patch_embed_flops(4 * k, dim, patch, channels)
+        _, height, width = self.input_size()
+        half = (height // 2, width // 2)
+        coarse = (BILINEAR_FLOPS_PER_ELEMENT * channels * half[0] * half[1]
+                  + self.family.tokenize_flops(self.vit, *half) + encoder(self.num_coarse))
+        fine = (self.family.tokenize_regions_flops(self.vit, height, width, self.coarse_grid, k)
                 + norm_flops(k, dim) + mlp_flops(k, dim, d["mlp_hidden"])
                 + encoder(self.num_fine))
         return [coarse / 1e9, (coarse + fine) / 1e9]
