@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptive_vit.backbones import BackboneSpec
+from adaptive_vit.backbones import BackboneSpec, build_backbone
 from adaptive_vit.backbones import set_fused_attn
 from adaptive_vit.data import ImageDataModule
 from adaptive_vit.flops import fvcore_gflops
@@ -26,14 +26,23 @@ TINY = dict(embed_dim=32, depth=2, num_heads=2)
 
 
 def tiny_net(grid: int = 4, alpha: float = 0.5, start: int = 0, fused: bool = False,
-             depth: int = 2) -> CFViT:
-    """A CF-ViT on (3, 8g, 8g) images with 4-pixel patches: g×g coarse, 2g×2g fine tokens."""
+             depth: int = 2, backbone: str = "vit_tiny_patch16_224") -> CFViT:
+    """A CF-ViT on (3, 8g, 8g) images with 4-pixel patches: g×g coarse, 2g×2g fine tokens.
+
+    `backbone`: ``vit_tiny_patch16_224`` (a timm ViT) or ``lvvit_s`` (LV-ViT: conv stem, token head)."""
     torch.manual_seed(0)
-    net = CFViT.from_name(
-        "vit_tiny_patch16_224", alpha=alpha, cls_attn_start=start, img_size=8 * grid, patch_size=4,
-        num_classes=10, fused_attn=fused, **{**TINY, "depth": depth})
-    with torch.no_grad():  # spread the confidences of a random head
-        net.vit.head.weight.mul_(40)
+    kwargs = {**TINY, "depth": depth, **({"stem_width": 8} if backbone == "lvvit_s" else {})}
+    vit, _ = build_backbone(BackboneSpec(backbone, img_size=8 * grid, patch_size=4, drop_path_rate=0.0,
+                                         fused_attn=fused, kwargs=kwargs), 10)
+    net = CFViT(vit, alpha=alpha, cls_attn_start=start)
+    with torch.no_grad():  # spread the confidences of random heads; BatchNorms away from the identity
+        for head in (m for name, m in vit.named_children() if name in ("head", "aux_head")):
+            head.weight.mul_(40)
+        for bn in (m for m in vit.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.normal_(1, 0.1)
+            bn.bias.normal_(0, 0.1)
     return net.eval()
 
 
@@ -99,9 +108,10 @@ def fvcore_stage_gflops(net: CFViT, x: torch.Tensor) -> list[float]:
     return [coarse, coarse + fine]
 
 
+@pytest.mark.parametrize("backbone", ["vit_tiny_patch16_224", "lvvit_s"])
 @pytest.mark.parametrize(("grid", "alpha"), [(4, 0.5), (3, 0.3)])
-def test_analytic_costs_equal_fvcore(grid: int, alpha: float) -> None:
-    net = tiny_net(grid, alpha, depth=3)
+def test_analytic_costs_equal_fvcore(grid: int, alpha: float, backbone: str) -> None:
+    net = tiny_net(grid, alpha, depth=3, backbone=backbone)
     x = torch.randn(1, 3, 8 * grid, 8 * grid)
     assert net.exit_gflops() == pytest.approx(fvcore_stage_gflops(net, x), rel=1e-9)
 
@@ -365,13 +375,18 @@ def authors_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[CFViTLitMod
     return CFViTLitModule(init_from=str(path), backbone=BackboneSpec(fused_attn=False)), state
 
 
-def test_authors_checkpoint_every_tensor_lands_and_same_function(authors_model) -> None:  # noqa: ANN001
-    module, state = authors_model
-    ours = module.net.state_dict()
+def assert_every_tensor_lands(net: CFViT, state: dict[str, torch.Tensor]) -> None:
+    """Every tensor of the authors' `state` is in `net` unchanged, and `net` has no other."""
+    ours = net.state_dict()
     landed = {authors_key(k): k for k in ours if k != "exit_thresholds"}
     assert set(landed) == set(state)  # every tensor lands, none is left unused
     for theirs, key in landed.items():
         assert torch.equal(ours[key], state[theirs]), key
+
+
+def test_authors_checkpoint_every_tensor_lands_and_same_function(authors_model) -> None:  # noqa: ANN001
+    module, state = authors_model
+    assert_every_tensor_lands(module.net, state)
     torch.manual_seed(1)
     x = torch.randn(2, 3, 224, 224)
     module.net.eval()

@@ -12,36 +12,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaptive_vit.backbones import BackboneSpec, build_backbone
+from adaptive_vit.backbones import BackboneSpec, build_backbone, family_of
 from adaptive_vit.backbones.lvvit import LVBlock, LVViT
 from adaptive_vit.flops import fvcore_gflops
-from adaptive_vit.methods.cfvit.convert import authors_key
 from adaptive_vit.methods.cfvit.lit import CFViTLitModule
 from adaptive_vit.methods.cfvit.model import CFViT
 from conftest import FAST_TRAINER, REPO
-from test_cfvit import fvcore_stage_gflops
+from test_cfvit import assert_every_tensor_lands, tiny_net
 
 AUTHORS_KEYS = REPO / "tests/reference/cfvit_lvvit_small_7x7_authors_keys.json"
-TINY_LV = dict(embed_dim=32, depth=2, num_heads=2, stem_width=8)
 
 
-def tiny_lvvit(img_size: int = 32, depth: int = 2, classes: int = 5) -> LVViT:
-    """An LV-ViT on (3, img, img) images with 4-pixel patches (stem: stride 2, then 2×2)."""
-    torch.manual_seed(0)
-    model, _ = build_backbone(BackboneSpec("lvvit_s", img_size=img_size, patch_size=4, drop_path_rate=0.0,
-                                           fused_attn=False, kwargs={**TINY_LV, "depth": depth}), classes)
-    randomise_batchnorms(model)
-    return model.eval()
-
-
-def randomise_batchnorms(model: torch.nn.Module) -> None:
-    """Running statistics and affine weights away from the identity (a fresh BN is one)."""
-    with torch.no_grad():
-        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-            bn.running_mean.normal_(0, 0.1)
-            bn.running_var.uniform_(0.5, 1.5)
-            bn.weight.normal_(1, 0.1)
-            bn.bias.normal_(0, 0.1)
+def tiny_lvvit(img_size: int = 32, depth: int = 2) -> LVViT:
+    """A tiny LV-ViT on (3, img, img) images with 4-pixel patches (stem: stride 2, then 2×2),
+    BatchNorms away from the identity (the backbone of `tiny_net`)."""
+    net = tiny_net(grid=img_size // 8, depth=depth, backbone="lvvit_s")
+    return net.vit
 
 
 # ----------------------------------------------------------------------------- the backbone
@@ -65,7 +51,7 @@ def test_lvvit_s_shape_params_and_flops() -> None:
 
 def test_tiny_lvvit_flops_equal_fvcore() -> None:
     model = tiny_lvvit(img_size=40, depth=3)
-    family = build_backbone(BackboneSpec("lvvit_s", img_size=40, patch_size=4, kwargs=TINY_LV), 5)[1]
+    family = family_of(model)
     assert family.gflops(model) == pytest.approx(fvcore_gflops(model, torch.randn(1, 3, 40, 40)), rel=1e-9)
 
 
@@ -95,7 +81,7 @@ def test_region_tokens_equal_the_full_images_tokens() -> None:
     """The stem's 7×7 and 3×3 convolutions cross region borders: the re-split tokens must be
     the full image's, not those of a crop with its own zero padding."""
     model = tiny_lvvit()
-    family = build_backbone(BackboneSpec("lvvit_s", img_size=32, patch_size=4, kwargs=TINY_LV), 5)[1]
+    family = family_of(model)
     x = torch.randn(2, 3, 32, 32)
     regions = torch.tensor([[0, 5, 15], [10, 3, 6]])  # corners, borders, interior of a 4×4 grid
     with torch.no_grad():
@@ -111,12 +97,9 @@ def test_region_tokens_equal_the_full_images_tokens() -> None:
 # ----------------------------------------------------------------------------- CF-ViT over LV-ViT
 
 
-def tiny_cfvit(grid: int = 4, alpha: float = 0.5, depth: int = 2) -> CFViT:
-    net = CFViT(tiny_lvvit(img_size=8 * grid, depth=depth), alpha=alpha, cls_attn_start=0)
-    with torch.no_grad():  # spread the confidences of random heads
-        net.vit.head.weight.mul_(40)
-        net.vit.aux_head.weight.mul_(40)
-    return net.eval()
+def tiny_cfvit() -> CFViT:
+    """CF-ViT over a tiny LV-ViT: 4×4 coarse, 8×8 fine tokens on 32×32 images."""
+    return tiny_net(grid=4, backbone="lvvit_s")
 
 
 def test_cfvit_lvvit_s_costs_against_the_paper() -> None:
@@ -127,13 +110,6 @@ def test_cfvit_lvvit_s_costs_against_the_paper() -> None:
     assert fine == pytest.approx(6.1, rel=0.02)  # paper Table 2: η = 1 (every image at the fine stage)
     assert (coarse, fine) == pytest.approx((1.5719, 5.9960), abs=1e-4)
     assert net.static_gflops() == pytest.approx(6.5688, abs=1e-4)
-
-
-@pytest.mark.parametrize(("grid", "alpha"), [(4, 0.5), (3, 0.3)])
-def test_cfvit_lvvit_stage_costs_equal_fvcore(grid: int, alpha: float) -> None:
-    net = tiny_cfvit(grid, alpha, depth=3)
-    x = torch.randn(1, 3, 8 * grid, 8 * grid)
-    assert net.exit_gflops() == pytest.approx(fvcore_stage_gflops(net, x), rel=1e-9)
 
 
 def test_stage_predictions_combine_both_heads_with_the_authors_weights() -> None:
@@ -289,11 +265,7 @@ def test_authors_checkpoint_every_tensor_lands_and_same_function(grid: int, tmp_
     torch.save({"model": state, "flop": [1.6, 6.1]}, path)
     module = CFViTLitModule(init_from=str(path), coarse_grid=grid,
                             backbone=BackboneSpec("lvvit_s", fused_attn=False, drop_path_rate=0.0))
-    ours = module.net.state_dict()
-    landed = {authors_key(k): k for k in ours if k != "exit_thresholds"}
-    assert set(landed) == set(state)  # every tensor lands, none is left unused
-    for theirs, key in landed.items():
-        assert torch.equal(ours[key], state[theirs]), key
+    assert_every_tensor_lands(module.net, state)
     torch.manual_seed(1)
     x = torch.randn(4, 3, 32 * grid, 32 * grid)
     theirs = AuthorsCFLVViT(state, grid)
