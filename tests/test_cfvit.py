@@ -18,7 +18,7 @@ from adaptive_vit.data import ImageDataModule
 from adaptive_vit.flops import fvcore_gflops
 from adaptive_vit.methods.cfvit.convert import authors_key
 from adaptive_vit.methods.cfvit.lit import CFViTLitModule
-from adaptive_vit.methods.cfvit.model import CFViT, CoarseOutput, num_fine_tokens
+from adaptive_vit.methods.cfvit.model import CFViT, CoarseOutput, TrainOutput, num_fine_tokens
 from conftest import FAST_TRAINER, REPO
 
 AUTHORS_KEYS = REPO / "tests/reference/cfvit_deit_small_7x7_authors_keys.json"
@@ -245,7 +245,7 @@ def test_kl_term_sends_no_gradient_into_fine_logits(soft: bool) -> None:
     target = torch.tensor([0, 1, 2, 1])
     if soft:
         target = F.one_hot(target, 3).float() * 0.9 + 0.1 / 3
-    loss, logs = module.compute_loss((coarse, fine), target)
+    loss, logs = module.compute_loss(TrainOutput(coarse, fine, coarse, fine, None), target)
     loss.backward()
     ce_only = torch.autograd.grad(module.criterion(fine, target), fine)[0]
     torch.testing.assert_close(fine.grad, ce_only)
@@ -259,10 +259,10 @@ def test_kl_weight_scales_the_coarse_gradient(weight: float) -> None:
     coarse = torch.randn(4, 3, requires_grad=True)
     fine = torch.randn(4, 3)
     target = torch.tensor([0, 1, 2, 1])
-    tiny_module().compute_loss((coarse, fine), target)[0].backward()
+    tiny_module().compute_loss(TrainOutput(coarse, fine, coarse, fine, None), target)[0].backward()
     full = coarse.grad.clone()
     coarse.grad = None
-    loss, logs = tiny_module(kl_weight=weight).compute_loss((coarse, fine), target)
+    loss, logs = tiny_module(kl_weight=weight).compute_loss(TrainOutput(coarse, fine, coarse, fine, None), target)
     loss.backward()
     torch.testing.assert_close(coarse.grad, weight * full)
     torch.testing.assert_close(loss, logs["loss_ce"] + weight * logs["loss_kl"])

@@ -8,12 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 
 from adaptive_vit.backbones import BackboneSpec, build_backbone, family_of
 from adaptive_vit.backbones.lvvit import LVBlock, LVViT
+from adaptive_vit.data import ImageDataModule
+from adaptive_vit.data.images import UnreadableImageWarning
+from adaptive_vit.data.token_labels import TokenLabeler, dense_targets
 from adaptive_vit.flops import fvcore_gflops
 from adaptive_vit.methods.cfvit.lit import CFViTLitModule
 from adaptive_vit.methods.cfvit.model import CFViT
@@ -47,6 +51,19 @@ def test_lvvit_s_shape_params_and_flops() -> None:
     assert gflops == pytest.approx(6.6, rel=0.02)  # the paper (CF-ViT Table 2; LV-ViT)
     assert gflops == pytest.approx(6.5688, abs=1e-4)
     assert gflops == pytest.approx(fvcore_gflops(model, torch.randn(1, 3, 224, 224)), rel=1e-9)
+
+
+def test_pretrained_file_in_the_tokenlabeling_layout_loads(tmp_path: Path) -> None:
+    model = tiny_lvvit()
+    path = tmp_path / "lvvit.pth.tar"
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    spec = BackboneSpec("lvvit_s", img_size=32, patch_size=4, pretrained=str(path),
+                        kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2, "stem_width": 8})
+    loaded, _ = build_backbone(spec, 10)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="no download"):
+        build_backbone(BackboneSpec("lvvit_s", pretrained=True), 10)
 
 
 def test_tiny_lvvit_flops_equal_fvcore() -> None:
@@ -127,8 +144,8 @@ def test_stage_predictions_combine_both_heads_with_the_authors_weights() -> None
 def test_every_parameter_gets_a_gradient() -> None:
     """DDP needs every parameter in the training forward (the token head and the BatchNorms too)."""
     net = tiny_cfvit().train()
-    coarse, fine = net.forward_train(torch.randn(4, 3, 32, 32))
-    (fine.logsumexp(-1) + coarse.logsumexp(-1)).sum().backward()
+    out = net.forward_train(torch.randn(4, 3, 32, 32))
+    (out.fine.logsumexp(-1) + out.coarse.logsumexp(-1)).sum().backward()
     assert [n for n, p in net.named_parameters() if p.grad is None or not p.grad.any()] == []
 
 
@@ -315,3 +332,115 @@ def test_demo_size_cfvit_lvvit_fit_validate_test(run_cli) -> None:  # noqa: ANN0
         metrics = cli.trainer.callback_metrics
         assert float(metrics[f"{stage}/gflops"]) == pytest.approx(costs[1], rel=1e-5)
         assert 0.0 <= float(metrics[f"{stage}/top1"]) <= 1.0
+
+
+# ----------------------------------------------------------------------------- token labeling
+
+
+def write_label_maps(folder: Path, root: Path, k: int = 3, side: int = 5, classes: int = 3) -> Path:
+    """Label maps in the TokenLabeling release's format for every training image under `folder`:
+    <root>/<class>/<name>.pt, (2, k, side, side) top-k scores and class indices."""
+    generator = torch.Generator().manual_seed(0)
+    for image in sorted((folder / "train").glob("*/*.png")):
+        scores = torch.rand(k, side, side, generator=generator).sort(0, descending=True).values * 10
+        indices = torch.stack([torch.randperm(classes, generator=generator)[:k] for _ in range(side * side)], 1)
+        path = root / image.parent.name / (image.stem + ".pt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(torch.stack([scores, indices.view(k, side, side).float()]), path)
+    return root
+
+
+def column_maps(batch: int, side: int, classes: int) -> torch.Tensor:
+    """Label maps whose only class at column c is c (score 20): (B, 2, 1, side, side)."""
+    scores = torch.full((batch, 1, 1, side, side), 20.0)
+    indices = torch.arange(side).float().expand(batch, 1, 1, side, side)
+    assert side <= classes
+    return torch.cat([scores, indices], 1)
+
+
+def test_dense_targets_follow_the_crop_and_the_flip() -> None:
+    maps = column_maps(3, side=4, classes=6)
+    boxes = torch.tensor([[0, 0, 1, 1, 0], [0, 0, 1, 1, 1], [0, 0, 1, 0.5, 0]], dtype=torch.float32)
+    targets = dense_targets(maps, boxes, grid=4, num_classes=6)  # (B, 1 + 16, 6)
+    assert targets.shape == (3, 17, 6)
+    torch.testing.assert_close(targets.sum(-1), torch.ones(3, 17))
+    columns = targets[:, 1:].argmax(-1).view(3, 4, 4)
+    assert columns[0].tolist() == [[0, 1, 2, 3]] * 4  # whole image
+    assert columns[1].tolist() == [[3, 2, 1, 0]] * 4  # flipped with the image
+    assert set(columns[2].flatten().tolist()) <= {0, 1}  # the left half only
+    assert targets[0, 0, :4].allclose(torch.full((4,), 0.25), atol=0.02)  # class token: the whole box
+
+
+def test_mix_token_swaps_one_box_of_images_and_targets() -> None:
+    torch.manual_seed(3)
+    images = torch.arange(4.0)[:, None, None, None].expand(4, 3, 32, 32).clone()
+    targets = torch.eye(4)[:, None].expand(4, 1 + 64, 4).clone()  # image i: class i everywhere
+    mixed, mixed_targets = TokenLabeler(4, grid=8).mix(images, targets)
+    swapped = mixed[:, 0] != images[:, 0]  # (B, 32, 32): pixels taken from the reversed batch
+    cells = mixed_targets[:, 1:].argmax(-1).view(4, 8, 8) != torch.arange(4)[:, None, None]
+    assert swapped.any()
+    torch.testing.assert_close(swapped[:, ::4, ::4], cells)  # the same box, aligned to 4-pixel tokens
+    torch.testing.assert_close(mixed[:, :, swapped[0]], images.flip(0)[:, :, swapped[0]])
+    lam = 1 - cells[0].float().mean()
+    torch.testing.assert_close(mixed_targets[:, 0], lam * targets[:, 0] + (1 - lam) * targets.flip(0)[:, 0])
+
+
+def test_loader_crops_labels_with_the_image(image_folder: Path, tmp_path: Path) -> None:
+    labels = write_label_maps(image_folder, tmp_path / "labels")
+    data = ImageDataModule("folder", root=str(image_folder), img_size=32, batch_size=4, num_workers=0,
+                           auto_augment=None, reprob=0.0, pin_memory=False, persistent_workers=False,
+                           token_labels=str(labels), token_label_grid=8, label_smoothing=0.1)
+    data.setup("fit")
+    image, (label, label_map, box) = data._datasets["train"][(0, 7)]
+    assert image.shape == (3, 32, 32) and label_map.shape == (2, 3, 5, 5)
+    assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1 and box[4] in (0, 1)
+    assert data.soft_targets
+    (labels / "class_0" / "0.pt").write_bytes(b"not a tensor")  # the first training image's map
+    with pytest.warns(UnreadableImageWarning, match="class_0/0.png or its label map"):
+        assert data._datasets["train"]._wrapped[0] is None  # replaced by the next one in training
+    with pytest.raises(ValueError, match="set mixup and cutmix to 0"):
+        ImageDataModule("folder", root=str(image_folder), token_labels=str(labels), mixup=0.8)
+    with pytest.raises(FileNotFoundError, match="no label map"):
+        ImageDataModule("folder", root=str(image_folder), img_size=32, token_labels=str(tmp_path)).setup("fit")
+
+
+def test_token_labeling_trains_cfvit_lvvit_end_to_end(image_folder: Path, tmp_path: Path) -> None:
+    labels = write_label_maps(image_folder, tmp_path / "labels")
+    data = ImageDataModule("folder", root=str(image_folder), img_size=32, batch_size=4, num_workers=0,
+                           auto_augment=None, reprob=0.0, pin_memory=False, persistent_workers=False,
+                           token_labels=str(labels), token_label_grid=8, label_smoothing=0.1)
+    torch.manual_seed(0)
+    module = CFViTLitModule(backbone=BackboneSpec("lvvit_s", img_size=32, patch_size=4, drop_path_rate=0.0,
+                                                  kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2, "stem_width": 8}),
+                            coarse_grid=4, cls_attn_start=0, num_classes=3, selection_epoch=1, warmup_epochs=0)
+    seen: list[torch.Tensor] = []
+    original = module.compute_loss
+
+    def record(output, target):  # noqa: ANN001, ANN202
+        loss, logs = original(output, target)
+        seen.append(logs["loss_token"])
+        return loss, logs
+
+    module.compute_loss = record
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", devices=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(module, datamodule=data)  # epoch 0 re-splits every patch, epoch 1 selects
+    assert len(seen) == 4 and all(torch.isfinite(t) and t > 0 for t in seen)
+
+
+def test_token_loss_is_the_fine_token_heads_ce_on_the_fine_grid() -> None:
+    module = CFViTLitModule(backbone=BackboneSpec("lvvit_s", img_size=32, patch_size=4, drop_path_rate=0.0,
+                                                  kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2, "stem_width": 8}),
+                            coarse_grid=4, cls_attn_start=0, num_classes=3)
+    torch.manual_seed(0)
+    out = module.net.train().forward_train(torch.randn(2, 3, 32, 32))
+    assert out.fine_dense.shape == (2, 64, 3)
+    target = torch.rand(2, 65, 3).softmax(-1)
+    loss, logs = module.compute_loss(out, target)
+    token = -(target[:, 1:] * out.fine_dense.log_softmax(-1)).sum(-1).mean()
+    cls = -(target[:, 0] * out.fine_class.log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(logs["loss_token"], token.detach())
+    torch.testing.assert_close(logs["loss_ce"], (cls + token).detach())
+    with pytest.raises(ValueError, match="token_label_grid to 8"):
+        module.compute_loss(out, target[:, :50])

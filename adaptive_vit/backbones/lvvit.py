@@ -176,10 +176,14 @@ class LVViT(nn.Module):
         """(B, C, H, W) → (B, N, D)."""
         return self.patch_embed(x).flatten(2).transpose(1, 2)
 
+    def embed(self, x: Tensor) -> Tensor:
+        """Images → the first block's input (B, 1 + N, D): class token, tokens, positions."""
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.tokenize(x)], 1)
+        return self.pos_drop(tokens + self.pos_embed)
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Images → tokens after the final norm (B, 1 + N, D)."""
-        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.tokenize(x)], 1)
-        return self.norm(self.blocks(self.pos_drop(tokens + self.pos_embed)))
+        return self.norm(self.blocks(self.embed(x)))
 
     def forward_heads(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Normed tokens → class logits (B, classes) and token logits (B, N, classes)."""
@@ -265,8 +269,7 @@ class LVViTFamily(BackboneFamily):
         return model.pos_drop(tokens)
 
     def embed(self, model: LVViT, x: Tensor) -> Tensor:
-        tokens = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), model.tokenize(x)], 1)
-        return model.pos_drop(tokens + model.pos_embed)
+        return model.embed(x)
 
     def blocks(self, model: LVViT) -> nn.Sequential:
         return model.blocks

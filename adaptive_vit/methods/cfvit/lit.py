@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from adaptive_vit.backbones import build_backbone, family_for
 from adaptive_vit.methods.base import AdaptiveLitModule
 from adaptive_vit.methods.cfvit.convert import convert_authors_checkpoint, is_authors_checkpoint
-from adaptive_vit.methods.cfvit.model import CFViT
+from adaptive_vit.methods.cfvit.model import CFViT, TrainOutput
 
 
 class CFViTLitModule(AdaptiveLitModule):
     """CF-ViT (coarse-to-fine ViT with informative re-splitting and early exit).
 
     Training always runs both stages: loss = CE(p_f, y) + KL(p_f.detach() ‖ p_c) (batchmean,
-    T = 1). Before `selection_epoch` the fine stage re-splits every patch, from then on only the
+    T = 1). With token labels (the data module's `token_labels`, a backbone with a token head such
+    as LV-ViT), as the authors train it: CE of the fine class head against the class-token target
+    + CE of the fine token head against every fine-grid cell's target + KL between the stages'
+    class heads. Before `selection_epoch` the fine stage re-splits every patch, from then on only the
     informative ones. Unlike the authors' DeiT code, the fine position embedding is added in both
     phases (theirs skips it in the first one, which leaves a parameter without gradient and
     breaks DDP).
@@ -84,13 +89,38 @@ class CFViTLitModule(AdaptiveLitModule):
     def on_train_epoch_start(self) -> None:
         self.net.train_split_all = self.current_epoch < self.hparams.selection_epoch
 
-    def compute_loss(self, output: tuple[Tensor, Tensor], target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        coarse, fine = output
-        ce = self.criterion(fine, target)
+    def compute_loss(self, output: TrainOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        logs: dict[str, Tensor] = {}
+        if target.ndim == 3:  # token labels (B, 1 + S², classes): the class token, then every patch token
+            coarse, fine = output.coarse_class, output.fine_class
+            ce = self.criterion(fine, target[:, 0]) + self._token_labeling_loss(output, target[:, 1:], logs)
+        else:
+            if output.fine_dense is not None:
+                rank_zero_warn("CF-ViT: training a backbone with a token-labeling head without token labels: "
+                               "plain CE on each stage's prediction (cls + dense_weight·max). The authors train "
+                               "with token labeling: give the data module `token_labels` (see docs/lvvit.md).")
+            coarse, fine = output.coarse, output.fine
+            ce = self.criterion(fine, target)
         # KL(p_f ‖ p_c): the fine prediction teaches the coarse one and gets no gradient from it.
         kl = F.kl_div(F.log_softmax(coarse.float(), -1), F.softmax(fine.detach().float(), -1),
                       reduction="batchmean")
-        return ce + self.hparams.kl_weight * kl, {"loss_ce": ce.detach(), "loss_kl": kl.detach()}
+        return ce + self.hparams.kl_weight * kl, {**logs, "loss_ce": ce.detach(), "loss_kl": kl.detach()}
+
+    def _token_labeling_loss(self, output: TrainOutput, target: Tensor, logs: dict[str, Tensor]) -> Tensor:
+        """Soft-target CE of the fine stage's token head on every fine-grid cell (the authors'
+        TokenLabelCrossEntropy, dense weight 1), against `target` (B, S², classes)."""
+        if output.fine_dense is None:
+            raise ValueError("token labels need a backbone with a token-labeling head (e.g. lvvit_s); "
+                             f"{self.backbone_spec.name!r} has none. Remove data.init_args.token_labels.")
+        if output.fine_dense.shape[1] != target.shape[1]:
+            raise ValueError(
+                f"token labels on a {math.isqrt(target.shape[1])}² grid, but the fine stage has "
+                f"{output.fine_dense.shape[1]} tokens: set data.init_args.token_label_grid to "
+                f"{math.isqrt(output.fine_dense.shape[1])} (2·coarse_grid)."
+            )
+        loss = self.criterion(output.fine_dense.flatten(0, 1), target.flatten(0, 1))
+        logs["loss_token"] = loss.detach()
+        return loss
 
     def convert_foreign_checkpoint(self, checkpoint: dict[str, Any]) -> dict[str, Tensor] | None:
         if not is_authors_checkpoint(checkpoint):

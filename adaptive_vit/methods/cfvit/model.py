@@ -45,9 +45,21 @@ class CoarseOutput(NamedTuple):
     features: Tensor  # (B, Nc, D) patch tokens after the final norm: the feature-reuse input
     embedding: Tensor  # (B, Nc, D) coarse patch embedding + coarse position embedding
     attention: Tensor | None  # (B, Nc) global class attention G (None when not tracked)
+    class_logits: Tensor | None = None  # (B, classes) the class head alone (= logits without a token head)
 
     def index(self, rows: Tensor) -> CoarseOutput:
         return CoarseOutput(*(None if t is None else t[rows] for t in self))
+
+
+class TrainOutput(NamedTuple):
+    """What the training loss needs: both stages' predictions (p_c, p_f) and, for token labeling,
+    the class heads alone and the fine stage's token head on the fine grid."""
+
+    coarse: Tensor  # (B, classes) p_c
+    fine: Tensor  # (B, classes) p_f
+    coarse_class: Tensor  # (B, classes) the class head of the coarse stage (= p_c without a token head)
+    fine_class: Tensor  # (B, classes) the class head of the fine stage (= p_f without a token head)
+    fine_dense: Tensor | None  # (B, (2g)², classes) the token head on the fine grid (None without one)
 
 
 def num_informative(alpha: float, coarse_patches: int) -> int:
@@ -156,7 +168,9 @@ class CFViT(AdaptiveNetwork):
         embedding = self.family.tokenize(self.vit, small) + self.coarse_pos_embed[:, 1:]  # (B, Nc, D)
         cls = (self.family.cls_token(self.vit) + self.coarse_pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         tokens, attention = self._encode(torch.cat([cls, embedding], 1), track_attention)
-        return CoarseOutput(self._predict(tokens, 1 + self.dense_weight), tokens[:, 1:], embedding, attention)
+        class_logits = self.family.head(self.vit, tokens)
+        logits = self._predict(class_logits, self.family.dense_head(self.vit, tokens), 1 + self.dense_weight)
+        return CoarseOutput(logits, tokens[:, 1:], embedding, attention, class_logits)
 
     def fine_stage(self, x: Tensor, coarse: CoarseOutput, split_all: bool = False) -> Tensor:
         """Re-split the informative (or, with `split_all`, every) patch → p_f (B, classes).
@@ -166,6 +180,11 @@ class CFViT(AdaptiveNetwork):
             coarse: the coarse stage's output for these images.
             split_all: re-split all Nc patches (first training phase) instead of the top-k.
         """
+        return self._predict(*self._fine_heads(x, coarse, split_all)[:2], 1.0)
+
+    def _fine_heads(self, x: Tensor, coarse: CoarseOutput, split_all: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """The fine stage's class logits (B, classes), token-head logits in token order
+        (B, Nf, classes) or None, and the re-split (B, k) and kept (B, Nc−k) regions."""
         informative, rest = self.select(coarse, split_all)  # (B, k), (B, Nc-k)
         B, k = informative.shape
         fine = self._embed_fine(x, informative)  # (B, k, 4, D)
@@ -175,7 +194,19 @@ class CFViT(AdaptiveNetwork):
         # Token order after cls does not matter (no position-dependent op past the embeddings).
         tokens = torch.cat([cls, fine, _gather(coarse.embedding, rest)], 1)  # (B, 1+Nf, D)
         tokens, _ = self._encode(tokens, track_attention=False)
-        return self._predict(tokens, 1.0)
+        return self.family.head(self.vit, tokens), self.family.dense_head(self.vit, tokens), informative, rest
+
+    def _on_fine_grid(self, dense: Tensor, informative: Tensor, rest: Tensor) -> Tensor:
+        """Token-head logits in the fine stage's token order (4 per re-split region, then one per
+        kept region) → the fine grid (B, (2g)², classes), a kept region's logits on its four
+        cells (as the authors map them back for the token-labeling loss)."""
+        B, k, g = dense.shape[0], informative.shape[1], self.coarse_grid
+        by_region = dense.new_empty(B, self.num_coarse, 4, dense.shape[-1])
+        rows = torch.arange(B, device=dense.device)[:, None]
+        by_region[rows, informative] = dense[:, :4 * k].unflatten(1, (k, 4))
+        by_region[rows, rest] = dense[:, 4 * k:, None].expand(-1, -1, 4, -1)
+        grid = by_region.view(B, g, g, 2, 2, -1).permute(0, 1, 3, 2, 4, 5)  # (B, g, 2, g, 2, classes)
+        return grid.reshape(B, 4 * self.num_coarse, -1)
 
     def select(self, coarse: CoarseOutput, split_all: bool = False) -> tuple[Tensor, Tensor]:
         """Coarse patch indices to re-split (B, k) — the top-k by G — and to keep (B, Nc−k)."""
@@ -198,12 +229,10 @@ class CFViT(AdaptiveNetwork):
         pos = pos.reshape(g * g, 4, dim)  # (Nc, 4, D): fine embedding by coarse region
         return fine + pos[informative]
 
-    def _predict(self, tokens: Tensor, scale: float) -> Tensor:
-        """Normed tokens → logits: the class head, and with a token-labeling head (LV-ViT)
+    def _predict(self, class_logits: Tensor, dense: Tensor | None, scale: float) -> Tensor:
+        """The stage's prediction: the class head's logits, and with a token-labeling head (LV-ViT)
         (cls + dense_weight·max over tokens) / scale."""
-        logits = self.family.head(self.vit, tokens)
-        dense = self.family.dense_head(self.vit, tokens)
-        return logits if dense is None else combine_heads(logits, dense, self.dense_weight, scale)
+        return class_logits if dense is None else combine_heads(class_logits, dense, self.dense_weight, scale)
 
     def _encode(self, tokens: Tensor, track_attention: bool) -> tuple[Tensor, Tensor | None]:
         """Blocks + final norm on (B, N, D) tokens; the EMA of the cls row from `cls_attn_start`."""
@@ -220,10 +249,13 @@ class CFViT(AdaptiveNetwork):
 
     # ------------------------------------------------------------------ the contract
 
-    def forward_train(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(p_c, p_f) logits for every image; the fine stage as `train_split_all` says."""
+    def forward_train(self, x: Tensor) -> TrainOutput:
+        """Both stages for every image; the fine stage as `train_split_all` says."""
         coarse = self.coarse_stage(x, track_attention=not self.train_split_all)
-        return coarse.logits, self.fine_stage(x, coarse, split_all=self.train_split_all)
+        fine_class, dense, informative, rest = self._fine_heads(x, coarse, self.train_split_all)
+        fine = self._predict(fine_class, dense, 1.0)
+        fine_dense = None if dense is None else self._on_fine_grid(dense, informative, rest)
+        return TrainOutput(coarse.logits, fine, coarse.class_logits, fine_class, fine_dense)
 
     def forward_exits(self, x: Tensor) -> list[Tensor]:
         coarse = self.coarse_stage(x)
