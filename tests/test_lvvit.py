@@ -22,7 +22,7 @@ from adaptive_vit.flops import fvcore_gflops
 from adaptive_vit.methods.cfvit.lit import CFViTLitModule
 from adaptive_vit.methods.cfvit.model import CFViT
 from conftest import FAST_TRAINER, REPO
-from test_cfvit import assert_every_tensor_lands, tiny_net
+from test_cfvit import assert_every_tensor_lands, fvcore_stage_gflops, tiny_net
 
 AUTHORS_KEYS = REPO / "tests/reference/cfvit_lvvit_small_7x7_authors_keys.json"
 
@@ -127,6 +127,7 @@ def test_cfvit_lvvit_s_costs_against_the_paper() -> None:
     assert fine == pytest.approx(6.1, rel=0.02)  # paper Table 2: η = 1 (every image at the fine stage)
     assert (coarse, fine) == pytest.approx((1.5719, 5.9960), abs=1e-4)
     assert net.static_gflops() == pytest.approx(6.5688, abs=1e-4)
+    assert [coarse, fine] == pytest.approx(fvcore_stage_gflops(net, torch.randn(1, 3, 224, 224)), rel=1e-9)
 
 
 def test_stage_predictions_combine_both_heads_with_the_authors_weights() -> None:

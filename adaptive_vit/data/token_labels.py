@@ -17,7 +17,8 @@ Deviations from the authors' code, each for the reason given:
 - MixToken mixes the images inside a box aligned with the token grid (and the targets inside the
   same box), where theirs mixes the patch embeddings: the image-level mix keeps mixing in the data
   module for every backbone and method; the two differ only in the stem's receptive field along
-  the box border.
+  the box border. Their CF-ViT draws the box on the coarse grid and doubles it for the fine one;
+  this box is drawn on the target grid (CF-ViT: the fine one), so it may cut a coarse token.
 - RandAugment's geometric operations (rotate, shear, translate) are not mirrored onto the label
   maps (theirs are); their magnitudes at m = 9 move the content by a fraction of a token.
 - Label smoothing ε gives targets · (1 − ε) + ε / classes, which sums to 1 (theirs,
