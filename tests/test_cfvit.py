@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptive_vit.backbones import BackboneSpec
+from adaptive_vit.backbones import BackboneSpec, build_backbone
 from adaptive_vit.backbones import set_fused_attn
 from adaptive_vit.data import ImageDataModule
 from adaptive_vit.flops import fvcore_gflops
 from adaptive_vit.methods.cfvit.convert import authors_key
 from adaptive_vit.methods.cfvit.lit import CFViTLitModule
-from adaptive_vit.methods.cfvit.model import CFViT, CoarseOutput, num_fine_tokens
+from adaptive_vit.methods.cfvit.model import CFViT, CoarseOutput, TrainOutput, num_fine_tokens
 from conftest import FAST_TRAINER, REPO
 
 AUTHORS_KEYS = REPO / "tests/reference/cfvit_deit_small_7x7_authors_keys.json"
@@ -26,14 +26,23 @@ TINY = dict(embed_dim=32, depth=2, num_heads=2)
 
 
 def tiny_net(grid: int = 4, alpha: float = 0.5, start: int = 0, fused: bool = False,
-             depth: int = 2) -> CFViT:
-    """A CF-ViT on (3, 8g, 8g) images with 4-pixel patches: g×g coarse, 2g×2g fine tokens."""
+             depth: int = 2, backbone: str = "vit_tiny_patch16_224") -> CFViT:
+    """A CF-ViT on (3, 8g, 8g) images with 4-pixel patches: g×g coarse, 2g×2g fine tokens.
+
+    `backbone`: ``vit_tiny_patch16_224`` (a timm ViT) or ``lvvit_s`` (LV-ViT: conv stem, token head)."""
     torch.manual_seed(0)
-    net = CFViT.from_name(
-        "vit_tiny_patch16_224", alpha=alpha, cls_attn_start=start, img_size=8 * grid, patch_size=4,
-        num_classes=10, fused_attn=fused, **{**TINY, "depth": depth})
-    with torch.no_grad():  # spread the confidences of a random head
-        net.vit.head.weight.mul_(40)
+    kwargs = {**TINY, "depth": depth, **({"stem_width": 8} if backbone == "lvvit_s" else {})}
+    vit, _ = build_backbone(BackboneSpec(backbone, img_size=8 * grid, patch_size=4, drop_path_rate=0.0,
+                                         fused_attn=fused, kwargs=kwargs), 10)
+    net = CFViT(vit, alpha=alpha, cls_attn_start=start)
+    with torch.no_grad():  # spread the confidences of random heads; BatchNorms away from the identity
+        for head in (m for name, m in vit.named_children() if name in ("head", "aux_head")):
+            head.weight.mul_(40)
+        for bn in (m for m in vit.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.normal_(1, 0.1)
+            bn.bias.normal_(0, 0.1)
     return net.eval()
 
 
@@ -77,9 +86,8 @@ def test_deit_small_token_counts_and_flops_references() -> None:
     assert (nine.num_coarse, nine.num_fine, nine.coarse_pos_embed.shape[1]) == (81, 204, 82)
 
 
-@pytest.mark.parametrize(("grid", "alpha"), [(4, 0.5), (3, 0.3)])
-def test_analytic_costs_equal_fvcore(grid: int, alpha: float) -> None:
-    net = tiny_net(grid, alpha, depth=3)
+def fvcore_stage_gflops(net: CFViT, x: torch.Tensor) -> list[float]:
+    """[coarse, coarse + fine] GFLOPs of the stages as they run, counted by fvcore on one image."""
 
     class Coarse(nn.Module):
         def __init__(self) -> None:
@@ -93,12 +101,19 @@ def test_analytic_costs_equal_fvcore(grid: int, alpha: float) -> None:
         def forward(self, x, features, embedding, attention):  # noqa: ANN001, ANN202
             return self.net.fine_stage(x, CoarseOutput(None, features, embedding, attention))
 
-    x = torch.randn(1, 3, 8 * grid, 8 * grid)
     with torch.no_grad():
-        out = net.coarse_stage(x)
+        out = net.eval().coarse_stage(x)
     coarse = fvcore_gflops(Coarse(), x)
     fine = fvcore_gflops(Fine(), x, out.features, out.embedding, out.attention)
-    assert net.exit_gflops() == pytest.approx([coarse, coarse + fine], rel=1e-9)
+    return [coarse, coarse + fine]
+
+
+@pytest.mark.parametrize("backbone", ["vit_tiny_patch16_224", "lvvit_s"])
+@pytest.mark.parametrize(("grid", "alpha"), [(4, 0.5), (3, 0.3)])
+def test_analytic_costs_equal_fvcore(grid: int, alpha: float, backbone: str) -> None:
+    net = tiny_net(grid, alpha, depth=3, backbone=backbone)
+    x = torch.randn(1, 3, 8 * grid, 8 * grid)
+    assert net.exit_gflops() == pytest.approx(fvcore_stage_gflops(net, x), rel=1e-9)
 
 
 # ----------------------------------------------------------------------------- class attention
@@ -230,7 +245,7 @@ def test_kl_term_sends_no_gradient_into_fine_logits(soft: bool) -> None:
     target = torch.tensor([0, 1, 2, 1])
     if soft:
         target = F.one_hot(target, 3).float() * 0.9 + 0.1 / 3
-    loss, logs = module.compute_loss((coarse, fine), target)
+    loss, logs = module.compute_loss(TrainOutput(coarse, fine, coarse, fine, None), target)
     loss.backward()
     ce_only = torch.autograd.grad(module.criterion(fine, target), fine)[0]
     torch.testing.assert_close(fine.grad, ce_only)
@@ -244,10 +259,10 @@ def test_kl_weight_scales_the_coarse_gradient(weight: float) -> None:
     coarse = torch.randn(4, 3, requires_grad=True)
     fine = torch.randn(4, 3)
     target = torch.tensor([0, 1, 2, 1])
-    tiny_module().compute_loss((coarse, fine), target)[0].backward()
+    tiny_module().compute_loss(TrainOutput(coarse, fine, coarse, fine, None), target)[0].backward()
     full = coarse.grad.clone()
     coarse.grad = None
-    loss, logs = tiny_module(kl_weight=weight).compute_loss((coarse, fine), target)
+    loss, logs = tiny_module(kl_weight=weight).compute_loss(TrainOutput(coarse, fine, coarse, fine, None), target)
     loss.backward()
     torch.testing.assert_close(coarse.grad, weight * full)
     torch.testing.assert_close(loss, logs["loss_ce"] + weight * logs["loss_kl"])
@@ -360,13 +375,18 @@ def authors_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[CFViTLitMod
     return CFViTLitModule(init_from=str(path), backbone=BackboneSpec(fused_attn=False)), state
 
 
-def test_authors_checkpoint_every_tensor_lands_and_same_function(authors_model) -> None:  # noqa: ANN001
-    module, state = authors_model
-    ours = module.net.state_dict()
+def assert_every_tensor_lands(net: CFViT, state: dict[str, torch.Tensor]) -> None:
+    """Every tensor of the authors' `state` is in `net` unchanged, and `net` has no other."""
+    ours = net.state_dict()
     landed = {authors_key(k): k for k in ours if k != "exit_thresholds"}
     assert set(landed) == set(state)  # every tensor lands, none is left unused
     for theirs, key in landed.items():
         assert torch.equal(ours[key], state[theirs]), key
+
+
+def test_authors_checkpoint_every_tensor_lands_and_same_function(authors_model) -> None:  # noqa: ANN001
+    module, state = authors_model
+    assert_every_tensor_lands(module.net, state)
     torch.manual_seed(1)
     x = torch.randn(2, 3, 224, 224)
     module.net.eval()

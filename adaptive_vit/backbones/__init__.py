@@ -1,11 +1,14 @@
 """Backbones: one `BackboneSpec` per model, built by the registered `BackboneFamily` that
-handles its name (see `spec.py`). Families: timm ViTs (`timm_vit.py`)."""
+handles its name (see `spec.py`). Families: timm ViTs (`timm_vit.py`), LV-ViT (`lvvit.py`)."""
 
+from adaptive_vit.backbones.lvvit import LVViT, LVViTFamily
 from adaptive_vit.backbones.spec import (
     BackboneDims,
     BackboneFamily,
     BackboneSpec,
     build_backbone,
+    combine_heads,
+    crop_regions,
     family_for,
     family_of,
     register_family,
@@ -21,8 +24,10 @@ from adaptive_vit.backbones.timm_vit import (
 )
 
 register_family(TimmViTFamily())
+register_family(LVViTFamily())
 
 __all__ = [
     "Attention", "BackboneDims", "BackboneFamily", "BackboneSpec", "Block", "Tap", "TimmViTFamily",
-    "build_backbone", "create_vit", "family_for", "family_of", "register_family", "set_fused_attn", "vit_dims",
+    "LVViT", "LVViTFamily", "build_backbone", "combine_heads", "crop_regions", "create_vit",
+    "family_for", "family_of", "register_family", "set_fused_attn", "vit_dims",
 ]

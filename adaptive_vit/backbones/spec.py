@@ -16,10 +16,14 @@ backbone through its family (see docs/backbones.md).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
+
+from adaptive_vit.flops import patch_embed_flops
 
 
 @dataclass
@@ -105,6 +109,39 @@ class BackboneFamily:
         takes (CF-ViT also embeds the half-size image and 2×2-patch crops)."""
         raise NotImplementedError
 
+    def default_patch_size(self, name: str) -> int | None:
+        """The patch side of architecture `name` when the config leaves it unset (None: unknown).
+        Default: read off the name (``..._patch16_...``)."""
+        match = re.search(r"patch(\d+)", name)
+        return int(match.group(1)) if match else None
+
+    def tokenize_regions(self, model: nn.Module, x: Tensor, grid: int, regions: Tensor) -> Tensor:
+        """The patch tokens of some regions of a grid×grid partition of the images: (B, k, T, D),
+        T tokens per region in row-major order (CF-ViT's re-split: T = 4).
+
+        Default: each region's crop goes through `tokenize` on its own, exact for a tokenizer
+        that reads each patch alone (a patch-sized convolution). A tokenizer whose receptive
+        field crosses patch borders overrides this.
+
+        Args:
+            model: the backbone.
+            x: (B, C, H, W) images.
+            grid: regions per side.
+            regions: (B, k) region indices (row-major) per image.
+        """
+        tokens = self.tokenize(model, crop_regions(x, grid, regions))  # (B*k, T, D)
+        return tokens.reshape(*regions.shape, *tokens.shape[1:])
+
+    def tokenize_flops(self, model: nn.Module, height: int, width: int) -> float:
+        """FLOPs of `tokenize` on one H×W image. Default: a patch-sized linear projection."""
+        d = self.dims(model)
+        patches = (height // d.patch_size) * (width // d.patch_size)
+        return patch_embed_flops(patches, d.dim, d.patch_size, d.in_chans)
+
+    def tokenize_regions_flops(self, model: nn.Module, height: int, width: int, grid: int, count: int) -> float:
+        """FLOPs of `tokenize_regions` for `count` regions of one H×W image."""
+        return count * self.tokenize_flops(model, height // grid, width // grid)
+
     def cls_token(self, model: nn.Module) -> Tensor:
         """(1, 1, D)."""
         raise NotImplementedError
@@ -133,6 +170,17 @@ class BackboneFamily:
         """Tokens after the final norm (B, 1 + N, D) → logits (B, classes)."""
         raise NotImplementedError
 
+    def dense_head(self, model: nn.Module, tokens: Tensor) -> Tensor | None:
+        """Per-patch-token logits (B, N, classes) of a token-labeling head (LV-ViT's ``aux_head``)
+        from the normed tokens (B, 1 + N, D); None for a backbone without one (default)."""
+        return None
+
+    def head_flops(self, model: nn.Module, tokens: int) -> float:
+        """FLOPs of `head` (and `dense_head`) on a sequence of `tokens` tokens (class token
+        included). Default: one linear classifier on the class token."""
+        d = self.dims(model)
+        return d.dim * d.num_classes
+
     def gflops(self, model: nn.Module) -> float:
         """GFLOPs per image of the whole model (the project's convention, `adaptive_vit.flops`)."""
         raise NotImplementedError
@@ -141,6 +189,37 @@ class BackboneFamily:
         """(C, H, W) of one input image."""
         d = self.dims(model)
         return (d.in_chans, d.grid[0] * d.patch_size, d.grid[1] * d.patch_size)
+
+
+def combine_heads(cls_logits: Tensor, dense_logits: Tensor, weight: float, scale: float = 1.0) -> Tensor:
+    """(cls + weight·max_n dense_n) / scale: a class head and a token-labeling head as one
+    prediction (LV-ViT: weight 0.5; CF-ViT's coarse stage weight 0.25, scale 1.25).
+
+    Args:
+        cls_logits: (B, classes).
+        dense_logits: (B, N, classes).
+        weight: weight of the token head's maximum over the tokens.
+        scale: divisor of the sum.
+    """
+    return (cls_logits + weight * dense_logits.amax(1)) / scale
+
+
+def crop_regions(x: Tensor, grid: int, regions: Tensor) -> Tensor:
+    """Crops of some regions of a grid×grid partition of feature maps or images.
+
+    Args:
+        x: (B, C, H, W), H and W multiples of `grid`.
+        grid: regions per side.
+        regions: (B, k) region indices (row-major) per image.
+
+    Returns:
+        (B·k, C, H/grid, W/grid), image by image.
+    """
+    B, C, H, W = x.shape
+    h, w = H // grid, W // grid
+    tiles = x.reshape(B, C, grid, h, grid, w).permute(0, 2, 4, 1, 3, 5)  # (B, g, g, C, h, w)
+    rows = torch.arange(B, device=x.device)[:, None]
+    return tiles[rows, regions // grid, regions % grid].reshape(-1, C, h, w)
 
 
 _FAMILIES: list[BackboneFamily] = []

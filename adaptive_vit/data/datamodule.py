@@ -37,6 +37,7 @@ from adaptive_vit.data.images import ReadableBatches, collate_readable
 from adaptive_vit.data.registry import source_class
 from adaptive_vit.data.sampler import ResumableSampler, TrainingSamples, mix_seeds, seeded
 from adaptive_vit.data.source import SPLITS, Stats, Transform
+from adaptive_vit.data.token_labels import TokenLabeler, with_token_labels
 
 _STAGE_SPLITS = {
     "fit": ("train", "val"),
@@ -109,6 +110,8 @@ class ImageDataModule(LightningDataModule):
         std: tuple[float, float, float] | None = None,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        token_labels: str | None = None,
+        token_label_grid: int = 14,
     ) -> None:
         """Configure the data; only ``folder`` reads anything (its class list) before :meth:`setup`.
 
@@ -149,6 +152,13 @@ class ImageDataModule(LightningDataModule):
             pin_memory: Pin loader memory (only when an accelerator is available).
             persistent_workers: Keep loader workers alive between epochs (when
                 ``num_workers > 0``).
+            token_labels: Folder of token-labeling maps for the training images (the
+                TokenLabeling release's format, see :mod:`adaptive_vit.data.token_labels`):
+                training targets become ``(batch, 1 + token_label_grid², num_classes)``, cropped,
+                flipped and MixToken-mixed with the image. Class-folder data sets only; not with
+                ``mixup``/``cutmix``.
+            token_label_grid: Token grid side of those targets (the network's finest grid: 14 for
+                224 images with 16-pixel patches).
         """
         super().__init__()
         source = source_class(dataset)
@@ -164,6 +174,10 @@ class ImageDataModule(LightningDataModule):
         )
         _require(
             crop_pct is None or 0.0 < crop_pct <= 1.0, f"crop_pct must be in (0, 1], got {crop_pct}"
+        )
+        _require(
+            token_labels is None or max(mixup, cutmix) == 0.0,
+            "token_labels bring their own mixing (MixToken): set mixup and cutmix to 0",
         )
         _require(
             max(mixup, cutmix) == 0.0 or batch_size % 2 == 0,
@@ -206,7 +220,10 @@ class ImageDataModule(LightningDataModule):
             mean=self._mean,
             std=self._std,
         )
-        self._mixer = self._make_mixer(mixup, cutmix, label_smoothing)
+        self.token_labels = token_labels
+        # the training batch transform: with token labels, their targets and MixToken
+        self._mixer = (TokenLabeler(self.num_classes, token_label_grid, label_smoothing) if token_labels
+                       else self._make_mixer(mixup, cutmix, label_smoothing))
 
     # ------------------------------------------------------------------ properties
 
@@ -251,6 +268,8 @@ class ImageDataModule(LightningDataModule):
         for split in _STAGE_SPLITS[stage] if stage else SPLITS:
             if split not in self._datasets:
                 dataset = self.source.build(split, self._transform(split))
+                if split == "train" and self.token_labels is not None:
+                    dataset = with_token_labels(dataset, self.token_labels, self.train_transform)
                 self._datasets[split] = TrainingSamples(dataset) if split == "train" else dataset
 
     def train_dataloader(self) -> DataLoader:

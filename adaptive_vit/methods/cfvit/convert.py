@@ -76,7 +76,8 @@ def convert_authors_checkpoint(checkpoint: dict[str, Any], net: nn.Module) -> di
         raise ValueError(
             "checkpoint in the CF-ViT authors' layout does not fit this CFViT: missing keys "
             f"{short_list(missing)}, unexpected keys {short_list(unexpected)}. Their released models are "
-            "DeiT-S (backbone deit_small_patch16_224) with 1000 classes and 12 blocks."
+            "DeiT-S (backbone deit_small_patch16_224, 12 blocks) and LV-ViT-S (backbone lvvit_s, 16 blocks, "
+            "patch_embed.conv1..3 and aux_head), with 1000 classes."
         )
     mismatched = [
         f"{theirs} {list(state[theirs].shape)} vs {list(targets[ours].shape)}"

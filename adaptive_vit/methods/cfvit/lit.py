@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import re
+import math
 from typing import Any
 
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from adaptive_vit.backbones import build_backbone
+from adaptive_vit.backbones import build_backbone, family_for
 from adaptive_vit.methods.base import AdaptiveLitModule
 from adaptive_vit.methods.cfvit.convert import convert_authors_checkpoint, is_authors_checkpoint
-from adaptive_vit.methods.cfvit.model import CFViT
+from adaptive_vit.methods.cfvit.model import CFViT, TrainOutput
 
 
 class CFViTLitModule(AdaptiveLitModule):
     """CF-ViT (coarse-to-fine ViT with informative re-splitting and early exit).
 
     Training always runs both stages: loss = CE(p_f, y) + KL(p_f.detach() ‖ p_c) (batchmean,
-    T = 1). Before `selection_epoch` the fine stage re-splits every patch, from then on only the
+    T = 1). With token labels (the data module's `token_labels`, a backbone with a token head such
+    as LV-ViT), as the authors train it: CE of the fine class head against the class-token target
+    + CE of the fine token head against every fine-grid cell's target + KL between the stages'
+    class heads. Before `selection_epoch` the fine stage re-splits every patch, from then on only the
     informative ones. Unlike the authors' DeiT code, the fine position embedding is added in both
     phases (theirs skips it in the first one, which leaves a parameter without gradient and
     breaks DDP).
@@ -34,6 +38,8 @@ class CFViTLitModule(AdaptiveLitModule):
             epochs re-split every patch (the authors: 200 of 300).
         kl_weight: weight of the KL term (the paper: 1). An ablation knob: 0 trains the fine
             stage alone (the coarse stage then learns only through the shared blocks).
+        dense_weight: backbones with a token-labeling head (LV-ViT) only: the weight of its
+            maximum over tokens in each stage's prediction (the authors: 0.25; see `CFViT`).
         **kwargs: `AdaptiveLitModule` arguments (backbone, lr, weight_decay, warm-up, init_from,
             thresholds, ...). ``init_from`` also takes the authors' released checkpoints.
     """
@@ -46,6 +52,7 @@ class CFViTLitModule(AdaptiveLitModule):
         cls_attn_start: int = 3,
         selection_epoch: int = 200,
         kl_weight: float = 1.0,
+        dense_weight: float = 0.25,
         **kwargs,
     ) -> None:
         if kl_weight < 0:
@@ -56,7 +63,8 @@ class CFViTLitModule(AdaptiveLitModule):
         hp = self.hparams
         spec = self.backbone_spec.with_(img_size=self._full_size())
         vit, _ = build_backbone(spec, hp.num_classes)
-        net = CFViT(vit, alpha=hp.alpha, beta=hp.beta, cls_attn_start=hp.cls_attn_start)
+        net = CFViT(vit, alpha=hp.alpha, beta=hp.beta, cls_attn_start=hp.cls_attn_start,
+                    dense_weight=hp.dense_weight)
         if net.coarse_grid != hp.coarse_grid:
             patch = net.family.dims(vit).patch_size
             raise ValueError(
@@ -67,12 +75,11 @@ class CFViTLitModule(AdaptiveLitModule):
         return net
 
     def _full_size(self) -> int:
-        """backbone.img_size, or 2·g·patch when unset (the patch side from patch_size or the name)."""
+        """backbone.img_size, or 2·g·patch when unset (the patch side from patch_size or the family)."""
         spec = self.backbone_spec
         if spec.img_size is not None:
             return spec.img_size
-        match = re.search(r"patch(\d+)", spec.name)
-        patch = spec.patch_size or (int(match.group(1)) if match else None)
+        patch = spec.patch_size or family_for(spec.name).default_patch_size(spec.name)
         if patch is None:
             raise ValueError(
                 f"cannot tell the patch size of {spec.name!r}: set backbone.img_size (2·coarse_grid·patch)."
@@ -82,13 +89,38 @@ class CFViTLitModule(AdaptiveLitModule):
     def on_train_epoch_start(self) -> None:
         self.net.train_split_all = self.current_epoch < self.hparams.selection_epoch
 
-    def compute_loss(self, output: tuple[Tensor, Tensor], target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        coarse, fine = output
-        ce = self.criterion(fine, target)
+    def compute_loss(self, output: TrainOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        logs: dict[str, Tensor] = {}
+        if target.ndim == 3:  # token labels (B, 1 + S², classes): the class token, then every patch token
+            coarse, fine = output.coarse_class, output.fine_class
+            ce = self.criterion(fine, target[:, 0]) + self._token_labeling_loss(output, target[:, 1:], logs)
+        else:
+            if output.fine_dense is not None:
+                rank_zero_warn("CF-ViT: training a backbone with a token-labeling head without token labels: "
+                               "plain CE on each stage's prediction (cls + dense_weight·max). The authors train "
+                               "with token labeling: give the data module `token_labels` (see docs/lvvit.md).")
+            coarse, fine = output.coarse, output.fine
+            ce = self.criterion(fine, target)
         # KL(p_f ‖ p_c): the fine prediction teaches the coarse one and gets no gradient from it.
         kl = F.kl_div(F.log_softmax(coarse.float(), -1), F.softmax(fine.detach().float(), -1),
                       reduction="batchmean")
-        return ce + self.hparams.kl_weight * kl, {"loss_ce": ce.detach(), "loss_kl": kl.detach()}
+        return ce + self.hparams.kl_weight * kl, {**logs, "loss_ce": ce.detach(), "loss_kl": kl.detach()}
+
+    def _token_labeling_loss(self, output: TrainOutput, target: Tensor, logs: dict[str, Tensor]) -> Tensor:
+        """Soft-target CE of the fine stage's token head on every fine-grid cell (the authors'
+        TokenLabelCrossEntropy, dense weight 1), against `target` (B, S², classes)."""
+        if output.fine_dense is None:
+            raise ValueError("token labels need a backbone with a token-labeling head (e.g. lvvit_s); "
+                             f"{self.backbone_spec.name!r} has none. Remove data.init_args.token_labels.")
+        if output.fine_dense.shape[1] != target.shape[1]:
+            raise ValueError(
+                f"token labels on a {math.isqrt(target.shape[1])}² grid, but the fine stage has "
+                f"{output.fine_dense.shape[1]} tokens: set data.init_args.token_label_grid to "
+                f"{math.isqrt(output.fine_dense.shape[1])} (2·coarse_grid)."
+            )
+        loss = self.criterion(output.fine_dense.flatten(0, 1), target.flatten(0, 1))
+        logs["loss_token"] = loss.detach()
+        return loss
 
     def convert_foreign_checkpoint(self, checkpoint: dict[str, Any]) -> dict[str, Tensor] | None:
         if not is_authors_checkpoint(checkpoint):

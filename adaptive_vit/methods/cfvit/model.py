@@ -30,8 +30,8 @@ from timm.layers import Mlp, resample_abs_pos_embed
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import Tensor, nn
 
-from adaptive_vit.backbones import BackboneFamily, create_vit, family_of
-from adaptive_vit.flops import block_flops, mlp_flops, norm_flops, patch_embed_flops
+from adaptive_vit.backbones import BackboneFamily, combine_heads, create_vit, family_of
+from adaptive_vit.flops import block_flops, mlp_flops, norm_flops
 from adaptive_vit.methods.network import AdaptiveNetwork, AdaptiveOutput
 
 # fvcore counts 4 FLOPs per output element of a bilinear resize (aten::upsample_bilinear2d).
@@ -45,9 +45,21 @@ class CoarseOutput(NamedTuple):
     features: Tensor  # (B, Nc, D) patch tokens after the final norm: the feature-reuse input
     embedding: Tensor  # (B, Nc, D) coarse patch embedding + coarse position embedding
     attention: Tensor | None  # (B, Nc) global class attention G (None when not tracked)
+    class_logits: Tensor | None = None  # (B, classes) the class head alone (= logits without a token head)
 
     def index(self, rows: Tensor) -> CoarseOutput:
         return CoarseOutput(*(None if t is None else t[rows] for t in self))
+
+
+class TrainOutput(NamedTuple):
+    """What the training loss needs: both stages' predictions (p_c, p_f) and, for token labeling,
+    the class heads alone and the fine stage's token head on the fine grid."""
+
+    coarse: Tensor  # (B, classes) p_c
+    fine: Tensor  # (B, classes) p_f
+    coarse_class: Tensor  # (B, classes) the class head of the coarse stage (= p_c without a token head)
+    fine_class: Tensor  # (B, classes) the class head of the fine stage (= p_f without a token head)
+    fine_dense: Tensor | None  # (B, (2g)², classes) the token head on the fine grid (None without one)
 
 
 def num_informative(alpha: float, coarse_patches: int) -> int:
@@ -73,12 +85,16 @@ class CFViT(AdaptiveNetwork):
         alpha: informative ratio α in (0, 1]: k = ⌈α·Nc⌉ patches are re-split.
         beta: EMA factor β of the global class attention.
         cls_attn_start: first block (0-based) whose class attention enters G.
+        dense_weight: for a backbone with a token-labeling head (LV-ViT), the weight w of the
+            token head's maximum in each stage's prediction: coarse (cls + w·max)/(1 + w), fine
+            cls + w·max, the authors' (`cf_lvvit_small`: w = 0.25, the coarse sum divided by 1.25,
+            the fine one not). Unused for backbones without one.
     """
 
     exit_names = ("coarse", "fine")
 
     def __init__(self, vit: nn.Module, alpha: float = 0.5, beta: float = 0.99,
-                 cls_attn_start: int = 3) -> None:
+                 cls_attn_start: int = 3, dense_weight: float = 0.25) -> None:
         super().__init__()
         self.family = family = family_of(vit)
         _check_backbone(vit, family)
@@ -93,6 +109,7 @@ class CFViT(AdaptiveNetwork):
         self.vit = vit
         self.coarse_grid = family.dims(vit).grid[0] // 2
         self.alpha, self.beta, self.cls_attn_start = alpha, beta, cls_attn_start
+        self.dense_weight = dense_weight
         dim = dims["dim"]
         # Start from the fine embedding resampled to the coarse grid (meaningful for pretrained
         # backbones; for a fresh backbone it is as random as the fine one).
@@ -151,7 +168,9 @@ class CFViT(AdaptiveNetwork):
         embedding = self.family.tokenize(self.vit, small) + self.coarse_pos_embed[:, 1:]  # (B, Nc, D)
         cls = (self.family.cls_token(self.vit) + self.coarse_pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         tokens, attention = self._encode(torch.cat([cls, embedding], 1), track_attention)
-        return CoarseOutput(self.family.head(self.vit, tokens), tokens[:, 1:], embedding, attention)
+        class_logits = self.family.head(self.vit, tokens)
+        logits = self._predict(class_logits, self.family.dense_head(self.vit, tokens), 1 + self.dense_weight)
+        return CoarseOutput(logits, tokens[:, 1:], embedding, attention, class_logits)
 
     def fine_stage(self, x: Tensor, coarse: CoarseOutput, split_all: bool = False) -> Tensor:
         """Re-split the informative (or, with `split_all`, every) patch → p_f (B, classes).
@@ -161,6 +180,11 @@ class CFViT(AdaptiveNetwork):
             coarse: the coarse stage's output for these images.
             split_all: re-split all Nc patches (first training phase) instead of the top-k.
         """
+        return self._predict(*self._fine_heads(x, coarse, split_all)[:2], 1.0)
+
+    def _fine_heads(self, x: Tensor, coarse: CoarseOutput, split_all: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """The fine stage's class logits (B, classes), token-head logits in token order
+        (B, Nf, classes) or None, and the re-split (B, k) and kept (B, Nc−k) regions."""
         informative, rest = self.select(coarse, split_all)  # (B, k), (B, Nc-k)
         B, k = informative.shape
         fine = self._embed_fine(x, informative)  # (B, k, 4, D)
@@ -170,7 +194,19 @@ class CFViT(AdaptiveNetwork):
         # Token order after cls does not matter (no position-dependent op past the embeddings).
         tokens = torch.cat([cls, fine, _gather(coarse.embedding, rest)], 1)  # (B, 1+Nf, D)
         tokens, _ = self._encode(tokens, track_attention=False)
-        return self.family.head(self.vit, tokens)
+        return self.family.head(self.vit, tokens), self.family.dense_head(self.vit, tokens), informative, rest
+
+    def _on_fine_grid(self, dense: Tensor, informative: Tensor, rest: Tensor) -> Tensor:
+        """Token-head logits in the fine stage's token order (4 per re-split region, then one per
+        kept region) → the fine grid (B, (2g)², classes), a kept region's logits on its four
+        cells (as the authors map them back for the token-labeling loss)."""
+        B, k, g = dense.shape[0], informative.shape[1], self.coarse_grid
+        by_region = dense.new_empty(B, self.num_coarse, 4, dense.shape[-1])
+        rows = torch.arange(B, device=dense.device)[:, None]
+        by_region[rows, informative] = dense[:, :4 * k].unflatten(1, (k, 4))
+        by_region[rows, rest] = dense[:, 4 * k:, None].expand(-1, -1, 4, -1)
+        grid = by_region.view(B, g, g, 2, 2, -1).permute(0, 1, 3, 2, 4, 5)  # (B, g, 2, g, 2, classes)
+        return grid.reshape(B, 4 * self.num_coarse, -1)
 
     def select(self, coarse: CoarseOutput, split_all: bool = False) -> tuple[Tensor, Tensor]:
         """Coarse patch indices to re-split (B, k) — the top-k by G — and to keep (B, Nc−k)."""
@@ -187,16 +223,16 @@ class CFViT(AdaptiveNetwork):
     def _embed_fine(self, x: Tensor, informative: Tensor) -> Tensor:
         """Embed only the 2×2 fine patches of the selected regions, with their position
         embedding: (B, k, 4, D), the four in row-major order within each region."""
-        B, C, H, W = x.shape
-        g, k, side = self.coarse_grid, informative.shape[1], H // self.coarse_grid
-        regions = x.reshape(B, C, g, side, g, side).permute(0, 2, 4, 1, 3, 5)  # (B, g, g, C, 2p, 2p)
-        rows = torch.arange(B, device=x.device)[:, None]
-        crops = regions[rows, informative // g, informative % g]  # (B, k, C, 2p, 2p)
-        fine = self.family.tokenize(self.vit, crops.reshape(B * k, C, side, side))  # (B*k, 4, D)
-        dim = fine.shape[-1]
+        g, dim = self.coarse_grid, self.family.dims(self.vit).dim
+        fine = self.family.tokenize_regions(self.vit, x, g, informative)  # (B, k, 4, D)
         pos = self.family.pos_embed(self.vit)[0, 1:].view(g, 2, g, 2, dim).permute(0, 2, 1, 3, 4)
         pos = pos.reshape(g * g, 4, dim)  # (Nc, 4, D): fine embedding by coarse region
-        return fine.view(B, k, 4, dim) + pos[informative]
+        return fine + pos[informative]
+
+    def _predict(self, class_logits: Tensor, dense: Tensor | None, scale: float) -> Tensor:
+        """The stage's prediction: the class head's logits, and with a token-labeling head (LV-ViT)
+        (cls + dense_weight·max over tokens) / scale."""
+        return class_logits if dense is None else combine_heads(class_logits, dense, self.dense_weight, scale)
 
     def _encode(self, tokens: Tensor, track_attention: bool) -> tuple[Tensor, Tensor | None]:
         """Blocks + final norm on (B, N, D) tokens; the EMA of the cls row from `cls_attn_start`."""
@@ -213,10 +249,13 @@ class CFViT(AdaptiveNetwork):
 
     # ------------------------------------------------------------------ the contract
 
-    def forward_train(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(p_c, p_f) logits for every image; the fine stage as `train_split_all` says."""
+    def forward_train(self, x: Tensor) -> TrainOutput:
+        """Both stages for every image; the fine stage as `train_split_all` says."""
         coarse = self.coarse_stage(x, track_attention=not self.train_split_all)
-        return coarse.logits, self.fine_stage(x, coarse, split_all=self.train_split_all)
+        fine_class, dense, informative, rest = self._fine_heads(x, coarse, self.train_split_all)
+        fine = self._predict(fine_class, dense, 1.0)
+        fine_dense = None if dense is None else self._on_fine_grid(dense, informative, rest)
+        return TrainOutput(coarse.logits, fine, coarse.class_logits, fine_class, fine_dense)
 
     def forward_exits(self, x: Tensor) -> list[Tensor]:
         coarse = self.coarse_stage(x)
@@ -253,23 +292,26 @@ class CFViT(AdaptiveNetwork):
     def exit_gflops(self) -> list[float]:
         """[coarse, coarse + fine] GFLOPs per image, analytic (equal to fvcore's count).
 
-        Coarse: resize, patch embedding of Nc patches, blocks on 1+Nc tokens, norm, head.
-        Fine: patch embedding of the 4k re-split patches, the reuse LN + MLP on their k coarse
-        tokens, blocks on 1+Nf tokens, norm, head. The side-computed cls row (one query per
+        Coarse: resize, tokenizer on the half-size image, blocks on 1+Nc tokens, norm, heads.
+        Fine: the tokens of the k re-split regions (a patch embedding: of their 4k patches only;
+        LV-ViT's stem: its convolutions on the whole image, its projection on the 4k patches),
+        the reuse LN + MLP on their k coarse tokens, blocks on 1+Nf tokens, norm, heads (a
+        token-labeling head runs on every patch token; the max over tokens counts 0). The side-computed cls row (one query per
         head, ~0.02 % of a block on the fused path, free on the explicit one) is not counted.
         """
         d = self.family.dims(self.vit).as_dict()
-        dim, channels, patch = d["dim"], d["in_chans"], d["patch_size"]
+        dim, channels = d["dim"], d["in_chans"]
         k = self.num_informative
 
-        def encoder(tokens: int) -> float:  # blocks, final norm, head on 1+tokens
+        def encoder(tokens: int) -> float:  # blocks, final norm, heads on 1+tokens
             blocks = d["depth"] * block_flops(1 + tokens, dim, d["num_heads"], d["mlp_hidden"])
-            return blocks + norm_flops(1 + tokens, dim) + dim * d["num_classes"]
+            return blocks + norm_flops(1 + tokens, dim) + self.family.head_flops(self.vit, 1 + tokens)
 
-        half = self.input_size()[1] // 2
-        coarse = (BILINEAR_FLOPS_PER_ELEMENT * channels * half * half
-                  + patch_embed_flops(self.num_coarse, dim, patch, channels) + encoder(self.num_coarse))
-        fine = (patch_embed_flops(4 * k, dim, patch, channels)
+        _, height, width = self.input_size()
+        half = (height // 2, width // 2)
+        coarse = (BILINEAR_FLOPS_PER_ELEMENT * channels * half[0] * half[1]
+                  + self.family.tokenize_flops(self.vit, *half) + encoder(self.num_coarse))
+        fine = (self.family.tokenize_regions_flops(self.vit, height, width, self.coarse_grid, k)
                 + norm_flops(k, dim) + mlp_flops(k, dim, d["mlp_hidden"])
                 + encoder(self.num_fine))
         return [coarse / 1e9, (coarse + fine) / 1e9]
