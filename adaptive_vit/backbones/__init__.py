@@ -21,6 +21,9 @@ from adaptive_vit.backbones.timm_vit import (
 )
 
 register_family(TimmViTFamily())
+from adaptive_vit.backbones.t2t_vit import T2TViTFamily  # noqa: E402 (uses Block above)
+
+register_family(T2TViTFamily())
 
 __all__ = [
     "Attention", "BackboneDims", "BackboneFamily", "BackboneSpec", "Block", "Tap", "TimmViTFamily",
