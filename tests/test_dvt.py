@@ -232,7 +232,7 @@ def test_reuse_switches_change_the_costs_as_expected() -> None:
 # ----------------------------------------------------------------------------- costs
 
 
-class _ExitWithHandoff(torch.nn.Module):
+class ExitWithHandoff(torch.nn.Module):
     """One exit as fvcore can trace it: the handoff as plain tensors."""
 
     def __init__(self, exit_, hand_logits: bool) -> None:
@@ -254,7 +254,7 @@ def test_analytic_exit_costs_equal_fvcore(feature: bool, relation: bool) -> None
     inputs = [(x,), (x, first.tokens, first.logits), (x, second.tokens, second.logits)]
     for k, exit_ in enumerate(model.exits):
         args = tuple(t for t in inputs[k] if t is not None)
-        measured = fvcore_gflops(_ExitWithHandoff(exit_, model._hands_logits(k)), *args)
+        measured = fvcore_gflops(ExitWithHandoff(exit_, model._hands_logits(k)), *args)
         assert exit_.gflops() == pytest.approx(measured, rel=1e-9)
 
 
@@ -363,7 +363,7 @@ def test_init_from_the_authors_file_through_the_lit_module(tmp_path: Path) -> No
                    reuse_hidden=16, reuse_dim=8, backbone=BackboneSpec(
                        name="vit_tiny_patch16_224", kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2}))
     torch.manual_seed(0)
-    theirs = _in_authors_layout(tiny_dvt())
+    theirs = in_authors_layout(tiny_dvt())
     path = tmp_path / "dvt_tiny.pth.tar"
     torch.save({"model_state_dict": theirs, "flops": np.array([1.1, 3.6, 8.8]),
                 "dynamic_threshold": np.zeros((3, 2))}, path)
@@ -453,7 +453,7 @@ def authors_forward(state: dict, x: torch.Tensor, exits: list, heads: int, eps: 
     return outputs
 
 
-def _in_authors_layout(model: DVT) -> dict[str, torch.Tensor]:
+def in_authors_layout(model: DVT) -> dict[str, torch.Tensor]:
     """Random tensors of `model`'s shapes under the authors' names (the JSON layout's naming)."""
     names = authors_exit_names(model.num_exits)
     theirs = {}
@@ -480,7 +480,7 @@ def test_converted_model_computes_the_authors_function(patches: list[int], pads:
                                                        upsampled: list[int] | None) -> None:
     model = tiny_dvt(patch_sizes=patches, paddings=pads, reuse_upsample=upsampled)
     torch.manual_seed(3)  # random weights everywhere (zero biases would hide wiring mistakes)
-    theirs = _in_authors_layout(model)
+    theirs = in_authors_layout(model)
     model.load_state_dict(convert_authors_checkpoint(theirs, model.state_dict()), strict=False)
     x = images(3)
     names = authors_exit_names(len(patches))
