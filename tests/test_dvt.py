@@ -54,11 +54,12 @@ def test_resize_of_figure_5_on_a_2x2_grid() -> None:
     torch.testing.assert_close(resize_grid(grid, 3)[0, 0], expected)
 
 
-@pytest.mark.parametrize("grid, size", [(2, 3), (7, 10), (10, 14), (14, 7)])
-def test_matrix_resize_equals_interpolate_then_adaptive_pool(grid: int, size: int) -> None:
+@pytest.mark.parametrize("grid, size, upsampled", [(2, 3, None), (7, 10, None), (10, 14, None), (14, 7, None),
+                                                   (7, 14, 20), (4, 8, 10)])
+def test_matrix_resize_equals_interpolate_then_adaptive_pool(grid: int, size: int, upsampled: int | None) -> None:
     maps = torch.randn(2, 5, grid, grid)
-    reference = F.adaptive_avg_pool2d(F.interpolate(maps, scale_factor=2, mode="nearest"), size)
-    torch.testing.assert_close(resize_grid(maps, size), reference)
+    stretched = F.interpolate(maps, size=upsampled or 2 * grid, mode="nearest")  # the authors': (20, 20) into 14x14
+    torch.testing.assert_close(resize_grid(maps, size, upsampled), F.adaptive_avg_pool2d(stretched, size))
 
 
 def test_relation_resize_keys_then_queries_keeps_cls_apart() -> None:
@@ -231,7 +232,7 @@ def test_reuse_switches_change_the_costs_as_expected() -> None:
 # ----------------------------------------------------------------------------- costs
 
 
-class _ExitWithHandoff(torch.nn.Module):
+class ExitWithHandoff(torch.nn.Module):
     """One exit as fvcore can trace it: the handoff as plain tensors."""
 
     def __init__(self, exit_, hand_logits: bool) -> None:
@@ -253,7 +254,7 @@ def test_analytic_exit_costs_equal_fvcore(feature: bool, relation: bool) -> None
     inputs = [(x,), (x, first.tokens, first.logits), (x, second.tokens, second.logits)]
     for k, exit_ in enumerate(model.exits):
         args = tuple(t for t in inputs[k] if t is not None)
-        measured = fvcore_gflops(_ExitWithHandoff(exit_, model._hands_logits(k)), *args)
+        measured = fvcore_gflops(ExitWithHandoff(exit_, model._hands_logits(k)), *args)
         assert exit_.gflops() == pytest.approx(measured, rel=1e-9)
 
 
@@ -362,7 +363,7 @@ def test_init_from_the_authors_file_through_the_lit_module(tmp_path: Path) -> No
                    reuse_hidden=16, reuse_dim=8, backbone=BackboneSpec(
                        name="vit_tiny_patch16_224", kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2}))
     torch.manual_seed(0)
-    theirs = _in_authors_layout(tiny_dvt())
+    theirs = in_authors_layout(tiny_dvt())
     path = tmp_path / "dvt_tiny.pth.tar"
     torch.save({"model_state_dict": theirs, "flops": np.array([1.1, 3.6, 8.8]),
                 "dynamic_threshold": np.zeros((3, 2))}, path)
@@ -380,42 +381,55 @@ def test_init_from_the_authors_file_through_the_lit_module(tmp_path: Path) -> No
 # that the converter and DVT's wiring are checked against an independent reading of their model.
 
 
-def _resize_matrix(grid: int, size: int) -> torch.Tensor:
-    """1-D nearest x2 then adaptive average pooling to `size`, as a (size, grid) matrix."""
-    up = torch.zeros(2 * grid, grid)
-    up[torch.arange(2 * grid), torch.arange(2 * grid) // 2] = 1
-    pool = torch.zeros(size, 2 * grid)
+def _resize_matrix(grid: int, size: int, upsampled: int) -> torch.Tensor:
+    """1-D nearest upsampling to `upsampled` then adaptive average pooling to `size`, as a
+    (size, grid) matrix."""
+    up = torch.zeros(upsampled, grid)
+    up[torch.arange(upsampled), torch.arange(upsampled) * grid // upsampled] = 1
+    pool = torch.zeros(size, upsampled)
     for i in range(size):
-        start, end = (i * 2 * grid) // size, -(-((i + 1) * 2 * grid) // size)
+        start, end = (i * upsampled) // size, -(-((i + 1) * upsampled) // size)
         pool[i, start:end] = 1 / (end - start)
     return pool @ up
 
 
-def _resize_2d(t: torch.Tensor, grid: int, size: int) -> torch.Tensor:
+def _resize_2d(t: torch.Tensor, grid: int, size: int, upsampled: int) -> torch.Tensor:
     """(..., grid*grid) -> (..., size*size), separable."""
-    r = _resize_matrix(grid, size)
+    r = _resize_matrix(grid, size, upsampled)
     maps = t.reshape(*t.shape[:-1], grid, grid)
     return (r @ maps @ r.T).reshape(*t.shape[:-1], size * size)
 
 
-def _authors_forward(state: dict, x: torch.Tensor, exits: list[tuple[str, int, int]], heads: int) -> list:
-    ln = lambda t, p: F.layer_norm(t, t.shape[-1:], state[p + ".weight"], state[p + ".bias"], 1e-6)  # noqa: E731
-    lin = lambda t, p: F.linear(t, state[p + ".weight"], state[p + ".bias"])  # noqa: E731
-    outputs, tokens, relations, up = [], None, None, None
-    for name, patch, pad in exits:
+def conv_tokens(patch: int, pad: int):  # noqa: ANN201
+    """The authors' DeiT tokenizer of one exit: (state, exit name, images) -> (B, 1+N, D)."""
+
+    def tokens(state: dict, name: str, x: torch.Tensor) -> torch.Tensor:
         z = F.conv2d(x, state[f"{name}.patch_embed.proj.weight"], state[f"{name}.patch_embed.proj.bias"],
                      stride=patch, padding=pad)
-        grid, (b, d) = z.shape[-1], z.shape[:2]
-        z = torch.cat([state[f"{name}.cls_token"].expand(b, -1, -1), z.flatten(2).transpose(1, 2)], 1)
-        z = z + state[f"{name}.pos_embed"]
-        n = z.shape[1]
+        z = torch.cat([state[f"{name}.cls_token"].expand(len(x), -1, -1), z.flatten(2).transpose(1, 2)], 1)
+        return z + state[f"{name}.pos_embed"]
+
+    return tokens
+
+
+def authors_forward(state: dict, x: torch.Tensor, exits: list, heads: int, eps: float = 1e-6,
+                    upsampled: dict[int, int] | None = None) -> list:
+    """The authors' cascade: `exits` lists (name, tokenizer) coarsest first; `upsampled` maps a
+    downstream grid to their nearest-upsampling side (their code: {10: 14, 14: 20}; default x2)."""
+    ln = lambda t, p: F.layer_norm(t, t.shape[-1:], state[p + ".weight"], state[p + ".bias"], eps)  # noqa: E731
+    lin = lambda t, p: F.linear(t, state[p + ".weight"], state.get(p + ".bias"))  # noqa: E731
+    outputs, tokens, relations, up = [], None, None, None
+    for name, tokenize in exits:
+        z = tokenize(state, name, x)
+        (b, n, d), grid = z.shape, math.isqrt(z.shape[1] - 1)
+        stretch = (upsampled or {}).get(grid, 2 * up) if up else None
         terms = None
         if f"{name}.relation_reuse_conv.0.weight" in state:
             r = F.conv2d(relations, state[f"{name}.relation_reuse_conv.0.weight"], state[f"{name}.relation_reuse_conv.0.bias"])
             r = F.conv2d(F.gelu(r), state[f"{name}.relation_reuse_conv.2.weight"], state[f"{name}.relation_reuse_conv.2.bias"])
-            r = torch.cat([r[..., :1], _resize_2d(r[..., 1:], up, grid)], -1)  # keys
+            r = torch.cat([r[..., :1], _resize_2d(r[..., 1:], up, grid, stretch)], -1)  # keys
             r = r.transpose(-1, -2)
-            r = torch.cat([r[..., :1], _resize_2d(r[..., 1:], up, grid)], -1).transpose(-1, -2)  # queries
+            r = torch.cat([r[..., :1], _resize_2d(r[..., 1:], up, grid, stretch)], -1).transpose(-1, -2)  # queries
             terms = r.split(heads, dim=1)
         logits = []
         depth = len({k.split(".")[2] for k in state if k.startswith(f"{name}.blocks.")})
@@ -431,7 +445,7 @@ def _authors_forward(state: dict, x: torch.Tensor, exits: list[tuple[str, int, i
             if p + ".feature_resuse_mlp.0.weight" in state:
                 f = ln(tokens, p + ".feature_resuse_mlp.0")
                 f = lin(F.gelu(lin(f, p + ".feature_resuse_mlp.1.fc1")), p + ".feature_resuse_mlp.1.fc2")
-                f = _resize_2d(f.transpose(1, 2), up, grid).transpose(1, 2)
+                f = _resize_2d(f.transpose(1, 2), up, grid, stretch).transpose(1, 2)
                 h = torch.cat([z, torch.cat([f.new_zeros(b, 1, f.shape[-1]), f], 1)], -1)
             z = z + lin(F.gelu(lin(ln(h, p + ".norm2"), p + ".mlp.fc1")), p + ".mlp.fc2")
         outputs.append(lin(ln(z, f"{name}.norm")[:, 0], f"{name}.head"))
@@ -439,8 +453,9 @@ def _authors_forward(state: dict, x: torch.Tensor, exits: list[tuple[str, int, i
     return outputs
 
 
-def _in_authors_layout(model: DVT) -> dict[str, torch.Tensor]:
+def in_authors_layout(model: DVT) -> dict[str, torch.Tensor]:
     """Random tensors of `model`'s shapes under the authors' names (the JSON layout's naming)."""
+    names = authors_exit_names(model.num_exits)
     theirs = {}
     for key, value in model.state_dict().items():
         if key == "exit_thresholds":
@@ -449,20 +464,31 @@ def _in_authors_layout(model: DVT) -> dict[str, torch.Tensor]:
         rest = rest.replace("relation_reuse.mlp.", "relation_reuse_conv.").replace("vit.", "", 1)
         rest = rest.replace(".feature_reuse.norm.", ".feature_resuse_mlp.0.").replace(
             ".feature_reuse.mlp.", ".feature_resuse_mlp.1.")
-        theirs[f"{AUTHORS_EXITS[k]}.{rest}"] = torch.randn_like(value) * 0.2
+        theirs[f"{names[k]}.{rest}"] = torch.randn_like(value) * 0.2
     return theirs
 
 
-def test_converted_model_computes_the_authors_function() -> None:
-    model = tiny_dvt()
+def authors_exit_names(count: int) -> tuple[str, ...]:
+    """The authors' exit models of a `count`-exit cascade (two exits: the first and the last)."""
+    return AUTHORS_EXITS if count == 3 else (AUTHORS_EXITS[0], AUTHORS_EXITS[-1])
+
+
+# Three exits (upsampling x2 everywhere, as the authors' 7 -> 14 -> 10 and 10 -> 20 -> 14), and two
+# exits 4x4 -> 8x8 through a 10x10 upsampling (a small mirror of their 7 -> 20 -> 14 two-exit resize).
+@pytest.mark.parametrize("patches, pads, upsampled", [([8, 6, 4], [0, 2, 0], None), ([8, 4], [0, 0], [10])])
+def test_converted_model_computes_the_authors_function(patches: list[int], pads: list[int],
+                                                       upsampled: list[int] | None) -> None:
+    model = tiny_dvt(patch_sizes=patches, paddings=pads, reuse_upsample=upsampled)
     torch.manual_seed(3)  # random weights everywhere (zero biases would hide wiring mistakes)
-    theirs = _in_authors_layout(model)
+    theirs = in_authors_layout(model)
     model.load_state_dict(convert_authors_checkpoint(theirs, model.state_dict()), strict=False)
     x = images(3)
+    names = authors_exit_names(len(patches))
     with torch.no_grad():
         ours = model.forward_exits(x)
-        reference = _authors_forward(theirs, x, list(zip(AUTHORS_EXITS, TINY["patch_sizes"], TINY["paddings"])), heads=2)
-    for a, b in zip(ours, reference):
+        exits = [(name, conv_tokens(patch, pad)) for name, patch, pad in zip(names, patches, pads)]
+        reference = authors_forward(theirs, x, exits, heads=2, upsampled={8: upsampled[0]} if upsampled else None)
+    for a, b in zip(ours, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 

@@ -1,5 +1,6 @@
 """Backbones: one `BackboneSpec` per model, built by the registered `BackboneFamily` that
-handles its name (see `spec.py`). Families: timm ViTs (`timm_vit.py`), LV-ViT (`lvvit.py`)."""
+handles its name (see `spec.py`). Families: timm ViTs (`timm_vit.py`), LV-ViT (`lvvit.py`), T2T-ViT
+(`t2t_vit.py`)."""
 
 from adaptive_vit.backbones.lvvit import LVViT, LVViTFamily
 from adaptive_vit.backbones.spec import (
@@ -13,6 +14,7 @@ from adaptive_vit.backbones.spec import (
     family_of,
     register_family,
 )
+from adaptive_vit.backbones.t2t_vit import T2TViT, T2TViTFamily
 from adaptive_vit.backbones.timm_vit import (
     Attention,
     Block,
@@ -25,9 +27,10 @@ from adaptive_vit.backbones.timm_vit import (
 
 register_family(TimmViTFamily())
 register_family(LVViTFamily())
+register_family(T2TViTFamily())
 
 __all__ = [
     "Attention", "BackboneDims", "BackboneFamily", "BackboneSpec", "Block", "Tap", "TimmViTFamily",
-    "LVViT", "LVViTFamily", "build_backbone", "combine_heads", "crop_regions", "create_vit",
+    "LVViT", "LVViTFamily", "T2TViT", "T2TViTFamily", "build_backbone", "combine_heads", "crop_regions", "create_vit",
     "family_for", "family_of", "register_family", "set_fused_attn", "vit_dims",
 ]

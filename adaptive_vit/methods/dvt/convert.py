@@ -6,8 +6,10 @@ exit under ``less_less_token.`` (7×7), ``less_token.`` (10×10) and ``normal_to
 tell, and what this converter (and `DVT`) assume so that the same weights compute the same
 function:
 
-- Each exit is a timm-style DeiT (cls_token, pos_embed, patch_embed.proj, blocks, norm, head):
-  its keys land unchanged under ``exits.{k}.vit.``. The 10×10 patch conv is [384, 3, 23, 23]
+- Each exit is a timm-style DeiT (cls_token, pos_embed, patch_embed.proj, blocks, norm, head), or
+  a T2T-ViT (``tokens_to_token.attention1/2`` with their fixed random features ``w``, ``project``,
+  the sinusoidal ``pos_embed``; layouts tests/reference/dvt_t2t_vit_{12,14}_authors_keys.json,
+  the `T2TViT` module names are theirs): its keys land unchanged under ``exits.{k}.vit.``. The 10×10 patch conv is [384, 3, 23, 23]
   with pos_embed of 1+100 tokens: kernel = stride = 23 with padding 3 on a 224 image.
 - ``blocks.{i}.feature_resuse_mlp`` (their spelling) = Sequential(LayerNorm(384),
   Mlp(fc1 384→128, GELU, fc2 128→48)) → our ``feature_reuse.norm`` / ``feature_reuse.mlp``.
@@ -69,7 +71,8 @@ def convert_authors_checkpoint(state: dict[str, Tensor], target: dict[str, Tenso
             f"({len([k for k in target if k.endswith('.cls_token')])} exits): "
             f"unexpected keys {short_list(unexpected)}, missing keys {short_list(missing)}, "
             f"shape mismatches {short_list(shapes)}. Configure the same backbone, patch_sizes/paddings "
-            "(DeiT-S: [32, 23, 16] / [0, 3, 0]), num_classes and reuse switches as the checkpoint."
+            "(DeiT-S: [32, 23, 16] / [0, 3, 0]) or exit_kwargs (T2T-ViT: configs/dvt_t2t_vit_12.yaml), "
+            "num_classes and reuse switches as the checkpoint."
         )
     return converted
 

@@ -1,8 +1,10 @@
 """`DVT`: a cascade of transformers on growing token grids, with feature and relationship reuse.
 
-docs/methods.md, "DVT: network" and "DVT: inference and cost" (Wang et al., NeurIPS 2021). K full timm backbones, no weights shared, each with
-its own tokenizer (default 7×7, 10×10, 14×14 tokens on a 224 image: patch convolutions 32, 23
-with padding 3, and 16, as the authors' DeiT code). Exit k reuses from exit k−1 only (features and
+docs/methods.md, "DVT: network" and "DVT: inference and cost" (Wang et al., NeurIPS 2021). K full
+backbones of one family, no weights shared, each with its own tokenizer (default 7×7, 10×10, 14×14
+tokens on a 224 image: for a timm ViT, patch convolutions 32, 23 with padding 3, and 16, as the
+authors' DeiT code; for a T2T-ViT, first soft splits 14/8/3, 11/6/5 and 7/4/2 given as per-exit
+backbone kwargs, as their T2T code). Exit k reuses from exit k−1 only (features and
 attention logits, see `reuse.py`). Inference is a real early exit: an image answers at the first
 exit whose max softmax reaches that exit's threshold, and only the images still running are
 passed on, with their upstream tokens and logits indexed accordingly.
@@ -38,27 +40,30 @@ class Handoff(NamedTuple):
         return Handoff(self.tokens[keep], None if self.logits is None else self.logits[keep])
 
 
-def build_tokenized_vit(spec: BackboneSpec, num_classes: int, img_size: int, patch_size: int,
-                        padding: int = 0) -> nn.Module:
-    """The backbone of `spec` whose patch convolution has kernel = stride = `patch_size` and
-    zero `padding` on each side (the authors' 10×10 tokenizer on 224: 23 with padding 3).
+def build_tokenized_vit(spec: BackboneSpec, num_classes: int, img_size: int, patch_size: int | None = None,
+                        padding: int = 0, exit_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """The backbone of `spec` with one exit's tokenizer: a patch convolution of kernel = stride =
+    `patch_size` and zero `padding` on each side (timm ViTs; the authors' 10×10 tokenizer on 224:
+    23 with padding 3), and/or backbone kwargs of this exit (T2T-ViT: ``{soft_split: [11, 6, 5]}``).
 
     Args:
         spec: the backbone every exit is built as (its img_size and patch_size are set here).
         num_classes: classifier outputs.
         img_size: input side.
-        patch_size: patch convolution kernel and stride.
+        patch_size: patch convolution kernel and stride (None: the family's own tokenizer).
         padding: zero padding on each side of the image before the patch convolution.
+        exit_kwargs: backbone kwargs of this exit, over ``spec.kwargs``.
     """
     padded = img_size + 2 * padding
-    if padded % patch_size:
+    if padding and (patch_size is None or padded % patch_size):
         raise ValueError(
             f"patch {patch_size} with padding {padding} does not tile a {img_size}-pixel image "
             f"({padded} pixels after padding is not a multiple of {patch_size}). Choose "
             f"padding so that img_size + 2*padding is a multiple of the patch size."
         )
     # Built for the padded image (grid and position embedding fit), then told to pad itself.
-    vit, family = build_backbone(spec.with_(img_size=padded, patch_size=patch_size), num_classes)
+    exit_spec = spec.with_(img_size=padded, patch_size=patch_size, kwargs={**spec.kwargs, **(exit_kwargs or {})})
+    vit, family = build_backbone(exit_spec, num_classes)
     if family.dims(vit).num_prefix_tokens != 1:
         raise ValueError(
             f"DVT needs backbones with exactly one cls token; {spec.name!r} has "
@@ -66,13 +71,16 @@ def build_tokenized_vit(spec: BackboneSpec, num_classes: int, img_size: int, pat
             "distillation or register token)."
         )
     if padding:  # a timm ViT's patch convolution (the only family DVT pads)
+        if not isinstance(getattr(getattr(vit, "patch_embed", None), "proj", None), nn.Conv2d):
+            raise ValueError(f"{spec.name!r} has no patch convolution to pad: set `paddings: null` and give "
+                             "each exit's tokenizer in `exit_kwargs`.")
         vit.patch_embed.proj.padding = (padding, padding)
         vit.patch_embed.img_size = (img_size, img_size)
     return vit
 
 
 class DVTExit(nn.Module):
-    """One transformer of the cascade: a timm ViT plus what it reuses from its upstream.
+    """One transformer of the cascade: a backbone plus what it reuses from its upstream.
 
     Args:
         vit: its backbone (`build_tokenized_vit`), with its own tokenizer, cls, pos embed, blocks,
@@ -82,10 +90,12 @@ class DVTExit(nn.Module):
         relation_reuse: add the reused upstream logits to every block's attention logits.
         reuse_hidden: hidden width of f_l (128).
         reuse_dim: channels reused per block (48).
+        upsampled: side of the nearest upsampling in the reuse resizes (None: 2·upstream_grid).
     """
 
     def __init__(self, vit: nn.Module, upstream_grid: int | None = None, feature_reuse: bool = True,
-                 relation_reuse: bool = True, reuse_hidden: int = 128, reuse_dim: int = 48) -> None:
+                 relation_reuse: bool = True, reuse_hidden: int = 128, reuse_dim: int = 48,
+                 upsampled: int | None = None) -> None:
         super().__init__()
         self.vit = vit
         self.family = family_of(vit)
@@ -96,9 +106,9 @@ class DVTExit(nn.Module):
         if self.feature_reuse:
             for i, block in enumerate(blocks):  # each block wrapped in place, under the same key
                 blocks[i] = ReuseBlock(block, FeatureReuse(dims.dim, upstream_grid, self.grid, reuse_hidden,
-                                                           reuse_dim, block.norm1.eps))
+                                                           reuse_dim, block.norm1.eps, upsampled))
         self.relation_reuse = (
-            RelationReuse(dims.num_heads, dims.depth, upstream_grid, self.grid)
+            RelationReuse(dims.num_heads, dims.depth, upstream_grid, self.grid, upsampled)
             if relation_reuse and upstream_grid is not None else None
         )
 
@@ -161,12 +171,14 @@ class DVT(AdaptiveNetwork):
         spec: BackboneSpec,
         num_classes: int,
         img_size: int = 224,
-        patch_sizes: Sequence[int] = (32, 23, 16),
+        patch_sizes: Sequence[int] | None = (32, 23, 16),
         paddings: Sequence[int] | None = (0, 3, 0),
         feature_reuse: bool = True,
         relation_reuse: bool = True,
         reuse_hidden: int = 128,
         reuse_dim: int = 48,
+        exit_kwargs: Sequence[dict[str, Any]] | None = None,
+        reuse_upsample: Sequence[int] | None = None,
     ) -> DVT:
         """Build the cascade: every exit is the backbone of `spec` at its own token grid.
 
@@ -174,43 +186,58 @@ class DVT(AdaptiveNetwork):
             spec: the backbone of every exit (its img_size and patch_size are set per exit).
             num_classes: classifier outputs.
             img_size: input side (the same image for every exit).
-            patch_sizes: patch convolution size per exit, coarsest first.
+            patch_sizes: patch convolution size per exit, coarsest first (None: the family's
+                tokenizer, set per exit by `exit_kwargs`).
             paddings: zero padding per exit (None: no padding anywhere).
             feature_reuse: feature reuse on (False: ablation).
             relation_reuse: relationship reuse on (False: ablation).
             reuse_hidden: hidden width of each f_l.
             reuse_dim: channels each f_l reuses.
+            exit_kwargs: backbone kwargs per exit, coarsest first (T2T-ViT: its first soft split,
+                ``{soft_split: [14, 8, 3]}``...); None: none.
+            reuse_upsample: per exit after the first, the side of the nearest upsampling before
+                the pooling in its reuse resizes (None: twice its upstream grid; the authors':
+                14 into a 10×10 exit and 20 into a 14×14 one, e.g. [20] for 7×7 → 14×14).
         """
-        paddings = [0] * len(patch_sizes) if paddings is None else list(paddings)
-        if len(paddings) != len(patch_sizes) or len(patch_sizes) < 2:
-            raise ValueError(f"DVT needs at least two exits and one padding per patch size; got "
-                             f"patch_sizes={list(patch_sizes)}, paddings={paddings}.")
+        count = len(patch_sizes) if patch_sizes is not None else len(exit_kwargs or ())
+        patch_sizes = [None] * count if patch_sizes is None else list(patch_sizes)
+        paddings = [0] * count if paddings is None else list(paddings)
+        exit_kwargs = [{}] * count if exit_kwargs is None else list(exit_kwargs)
+        upsample = [None] * (count - 1) if reuse_upsample is None else list(reuse_upsample)
+        if count < 2 or not len(paddings) == len(exit_kwargs) == count or len(upsample) != count - 1:
+            raise ValueError(
+                f"DVT needs at least two exits, given by patch_sizes or exit_kwargs, with one padding and "
+                f"one exit_kwargs entry per exit and one reuse_upsample per exit after the first; got "
+                f"patch_sizes={patch_sizes}, paddings={paddings}, exit_kwargs={exit_kwargs}, "
+                f"reuse_upsample={reuse_upsample}.")
         exits: list[DVTExit] = []
-        for patch, pad in zip(patch_sizes, paddings):
-            vit = build_tokenized_vit(spec, num_classes, img_size, patch, pad)
+        for k, (patch, pad, kwargs) in enumerate(zip(patch_sizes, paddings, exit_kwargs)):
+            vit = build_tokenized_vit(spec, num_classes, img_size, patch, pad, kwargs)
             upstream = exits[-1].grid if exits else None
-            exits.append(DVTExit(vit, upstream, feature_reuse, relation_reuse, reuse_hidden, reuse_dim))
+            exits.append(DVTExit(vit, upstream, feature_reuse, relation_reuse, reuse_hidden, reuse_dim,
+                                 upsample[k - 1] if k else None))
         grids = [e.grid for e in exits]
         if grids != sorted(set(grids)):
             raise ValueError(f"DVT's exits must have growing token grids, got {grids} from "
-                             f"patch_sizes={list(patch_sizes)}, paddings={paddings}.")
+                             f"patch_sizes={patch_sizes}, paddings={paddings}, exit_kwargs={exit_kwargs}.")
         baseline = dict(spec=spec.with_(drop_path_rate=0.0), num_classes=num_classes, img_size=img_size,
-                        patch_size=patch_sizes[-1], padding=paddings[-1])
+                        patch_size=patch_sizes[-1], padding=paddings[-1], exit_kwargs=exit_kwargs[-1])
         return cls(exits, baseline)
 
     @classmethod
     def from_name(cls, backbone: str = "deit_small_patch16_224", num_classes: int = 1000,
                   pretrained: bool | str = False, drop_path_rate: float = 0.0, fused_attn: bool | None = None,
-                  img_size: int = 224, patch_sizes: Sequence[int] = (32, 23, 16),
+                  img_size: int = 224, patch_sizes: Sequence[int] | None = (32, 23, 16),
                   paddings: Sequence[int] | None = (0, 3, 0), feature_reuse: bool = True,
                   relation_reuse: bool = True, reuse_hidden: int = 128, reuse_dim: int = 48,
+                  exit_kwargs: Sequence[dict[str, Any]] | None = None, reuse_upsample: Sequence[int] | None = None,
                   **vit_kwargs: Any) -> DVT:
-        """`from_spec` on a timm backbone name (tests, scripts); `vit_kwargs` are timm's
+        """`from_spec` on a backbone name (tests, scripts); `vit_kwargs` are the family's
         (embed_dim, depth, num_heads...)."""
         spec = BackboneSpec(name=backbone, pretrained=pretrained, drop_path_rate=drop_path_rate,
                             fused_attn=fused_attn, kwargs=vit_kwargs)
         return cls.from_spec(spec, num_classes, img_size, patch_sizes, paddings, feature_reuse, relation_reuse,
-                             reuse_hidden, reuse_dim)
+                             reuse_hidden, reuse_dim, exit_kwargs, reuse_upsample)
 
     # ------------------------------------------------------------------ forwards
 

@@ -8,8 +8,8 @@ DVT: feature reuse, and DVT: relationship reuse).
   upstream's pre-softmax logits of all its layers, resized to the downstream token count and
   split into one additive attention term per downstream layer (`RelationReuse`).
 
-Both resize a token grid the paper's way (Figure 5: nearest ×2 upsampling, then adaptive average
-pooling), the tokens with `resize.resize_tokens` and the relations with `resize.resize_relation`
+Both resize a token grid the paper's way (Figure 5: nearest upsampling, ×2 unless the exit says
+otherwise, then adaptive average pooling), the tokens with `resize.resize_tokens` and the relations with `resize.resize_relation`
 (matmuls while training, one op with a compiled CPU kernel at inference); their FLOPs are
 `resize.resize_flops` and `resize.resize_relation_flops`.
 """
@@ -38,18 +38,19 @@ class FeatureReuse(nn.Module):
         hidden: hidden width (128 in the paper).
         out_dim: reused channels (48 in the paper).
         eps: LayerNorm epsilon (the backbone's).
+        upsampled: side of the nearest upsampling before the pooling (None: 2·upstream_grid).
     """
 
     def __init__(self, dim: int, upstream_grid: int, grid: int, hidden: int = 128, out_dim: int = 48,
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6, upsampled: int | None = None) -> None:
         super().__init__()
-        self.upstream_grid, self.grid, self.out_dim = upstream_grid, grid, out_dim
+        self.upstream_grid, self.grid, self.out_dim, self.upsampled = upstream_grid, grid, out_dim, upsampled
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, hidden, out_features=out_dim)
 
     def forward(self, upstream: Tensor) -> Tensor:
         """(B, Nu, D) upstream patch tokens (before its final norm) → (B, 1 + N, out_dim)."""
-        features = resize_tokens(self.mlp(self.norm(upstream)), self.upstream_grid, self.grid)
+        features = resize_tokens(self.mlp(self.norm(upstream)), self.upstream_grid, self.grid, self.upsampled)
         cls = features.new_zeros(features.shape[0], 1, self.out_dim)
         return torch.cat([cls, features], dim=1)
 
@@ -155,7 +156,7 @@ class RelationReuse(nn.Module):
 
     One MLP shared by all downstream layers (1×1 convolutions H·L → 3·H·L → GELU → H·L) runs at
     the upstream resolution; then the patch part is resized along the keys, then along the
-    queries (grid reshape, nearest ×2, adaptive average pooling); the cls row and column are not
+    queries (grid reshape, nearest upsampling, adaptive average pooling); the cls row and column are not
     mixed with patches (each is only resized along the other axis; the cls/cls entry passes).
 
     Args:
@@ -163,12 +164,14 @@ class RelationReuse(nn.Module):
         depth: layers L (the same upstream and downstream).
         upstream_grid: side of the upstream token grid.
         grid: side of this (downstream) model's token grid.
+        upsampled: side of the nearest upsampling before the pooling (None: 2·upstream_grid).
     """
 
-    def __init__(self, num_heads: int, depth: int, upstream_grid: int, grid: int) -> None:
+    def __init__(self, num_heads: int, depth: int, upstream_grid: int, grid: int,
+                 upsampled: int | None = None) -> None:
         super().__init__()
         channels = num_heads * depth
-        self.num_heads, self.upstream_grid, self.grid = num_heads, upstream_grid, grid
+        self.num_heads, self.upstream_grid, self.grid, self.upsampled = num_heads, upstream_grid, grid, upsampled
         self.mlp = nn.Sequential(nn.Conv2d(channels, 3 * channels, 1), nn.GELU(),
                                  nn.Conv2d(3 * channels, channels, 1))
 
@@ -181,7 +184,7 @@ class RelationReuse(nn.Module):
         """
         relations = self.relate(logits)  # (B, HL, 1+Nu, 1+Nu)
         for relation in relations.split(self.num_heads, dim=1):
-            yield resize_relation(relation, self.upstream_grid, self.grid)  # (B, H, 1+N, 1+N)
+            yield resize_relation(relation, self.upstream_grid, self.grid, self.upsampled)  # (B, H, 1+N, 1+N)
 
     def relate(self, logits: Tensor) -> Tensor:
         """The shared MLP on every position: (B, H·L, n, n) → (B, H·L, n, n)."""
