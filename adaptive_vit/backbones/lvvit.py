@@ -26,9 +26,11 @@ patch token), the attention matmuls; ReLU, GELU, softmax, the max over tokens, a
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import torch
 from timm.layers import trunc_normal_
+from timm.models.vision_transformer import init_weights_vit_timm
 from torch import Tensor, nn
 
 from adaptive_vit.backbones.spec import BackboneDims, BackboneFamily, BackboneSpec, combine_heads, crop_regions
@@ -167,7 +169,9 @@ class LVViT(nn.Module):
         self.aux_head = nn.Linear(embed_dim, num_classes)
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        # The authors' initialisation: truncated-normal (0.02) linears with zero bias; norms
+        # keep their construction values (ones, zeros).
+        self.apply(partial(init_weights_vit_timm, needs_reset=False))
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
@@ -192,17 +196,6 @@ class LVViT(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Logits cls + dense_weight·max over tokens of the token head (B, classes)."""
         return combine_heads(*self.forward_heads(self.forward_features(x)), self.dense_weight)
-
-
-def _init_weights(module: nn.Module) -> None:
-    """The authors' initialisation: truncated normal 0.02 linears with zero bias, unit LayerNorms."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 class LVViTFamily(BackboneFamily):
@@ -258,27 +251,6 @@ class LVViTFamily(BackboneFamily):
         stem = model.patch_embed
         per_region = (height // grid // stem.patch_size) * (width // grid // stem.patch_size)
         return stem.features_flops(height, width) + stem.proj_flops(count * per_region)
-
-    def cls_token(self, model: LVViT) -> Tensor:
-        return model.cls_token
-
-    def pos_embed(self, model: LVViT) -> Tensor:
-        return model.pos_embed
-
-    def pre_blocks(self, model: LVViT, tokens: Tensor) -> Tensor:
-        return model.pos_drop(tokens)
-
-    def embed(self, model: LVViT, x: Tensor) -> Tensor:
-        return model.embed(x)
-
-    def blocks(self, model: LVViT) -> nn.Sequential:
-        return model.blocks
-
-    def norm(self, model: LVViT) -> nn.Module:
-        return model.norm
-
-    def head(self, model: LVViT, tokens: Tensor) -> Tensor:
-        return model.head(tokens[:, 0])
 
     def dense_head(self, model: LVViT, tokens: Tensor) -> Tensor:
         return model.aux_head(tokens[:, 1:])

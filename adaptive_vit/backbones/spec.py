@@ -83,7 +83,11 @@ class BackboneFamily:
     The methods see a backbone as: a tokenizer (image → patch tokens), a class token and position
     embeddings (at the model's grid; a method resamples them for other grids), a stack of
     pre-norm transformer blocks that accept `tap=` (see `backbones.timm_vit.Block`), a final norm
-    and a classifier head, and the FLOPs of the whole. Subclasses fill in every method.
+    and a classifier head, and the FLOPs of the whole.
+
+    Subclasses fill in `handles`, `create`, `dims`, `tokenize` and `gflops`. The other methods
+    have defaults for a model laid out as timm's `VisionTransformer` (attributes `cls_token`,
+    `pos_embed`, `pos_drop`, `blocks`, `norm`, `head`): override those that differ.
     """
 
     name: str = ""
@@ -144,31 +148,34 @@ class BackboneFamily:
 
     def cls_token(self, model: nn.Module) -> Tensor:
         """(1, 1, D)."""
-        raise NotImplementedError
+        return model.cls_token
 
     def pos_embed(self, model: nn.Module) -> Tensor:
         """(1, 1 + N, D): the class token's position embedding, then the patch grid's."""
-        raise NotImplementedError
+        return model.pos_embed
 
     def pre_blocks(self, model: nn.Module, tokens: Tensor) -> Tensor:
         """What runs on the assembled tokens (B, 1 + N, D) before the first block (dropout,
         pre-norm; often nothing)."""
-        raise NotImplementedError
+        return model.pos_drop(tokens)
 
     def embed(self, model: nn.Module, x: Tensor) -> Tensor:
-        """Images → the first block's input (B, 1 + N, D): tokens, class token, positions."""
-        raise NotImplementedError
+        """Images → the first block's input (B, 1 + N, D): class token, tokens, positions, then
+        `pre_blocks`."""
+        tokens = self.tokenize(model, x)
+        cls = self.cls_token(model).expand(tokens.shape[0], -1, -1)
+        return self.pre_blocks(model, torch.cat([cls, tokens], 1) + self.pos_embed(model))
 
     def blocks(self, model: nn.Module) -> nn.Sequential:
-        raise NotImplementedError
+        return model.blocks
 
     def norm(self, model: nn.Module) -> nn.Module:
         """The final norm (its `eps` also sizes methods' extra norms)."""
-        raise NotImplementedError
+        return model.norm
 
     def head(self, model: nn.Module, tokens: Tensor) -> Tensor:
-        """Tokens after the final norm (B, 1 + N, D) → logits (B, classes)."""
-        raise NotImplementedError
+        """Tokens after the final norm (B, 1 + N, D) → logits (B, classes), from the class token."""
+        return model.head(tokens[:, 0])
 
     def dense_head(self, model: nn.Module, tokens: Tensor) -> Tensor | None:
         """Per-patch-token logits (B, N, classes) of a token-labeling head (LV-ViT's ``aux_head``)

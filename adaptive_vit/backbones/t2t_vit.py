@@ -25,8 +25,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from functools import partial
+
 import torch
 from timm.layers import trunc_normal_
+from timm.models.vision_transformer import init_weights_vit_timm
 from torch import Tensor, nn
 
 from adaptive_vit.backbones.spec import BackboneDims, BackboneFamily, BackboneSpec
@@ -210,7 +213,9 @@ class T2TViT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        # The authors' initialisation: truncated-normal (0.02) linears with zero bias; norms
+        # keep their construction values (ones, zeros).
+        self.apply(partial(init_weights_vit_timm, needs_reset=False))
 
     @property
     def grid(self) -> int:
@@ -227,17 +232,6 @@ class T2TViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token"}
-
-
-def _init_weights(module: nn.Module) -> None:
-    """The authors' initialisation: truncated normal (std 0.02) linears with zero bias, unit norms."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def create_t2t_vit(spec: BackboneSpec, num_classes: int) -> T2TViT:
@@ -292,27 +286,6 @@ class T2TViTFamily(BackboneFamily):
 
     def tokenize(self, model: T2TViT, x: Tensor) -> Tensor:
         return model.tokens_to_token(x)
-
-    def cls_token(self, model: T2TViT) -> Tensor:
-        return model.cls_token
-
-    def pos_embed(self, model: T2TViT) -> Tensor:
-        return model.pos_embed
-
-    def pre_blocks(self, model: T2TViT, tokens: Tensor) -> Tensor:
-        return model.pos_drop(tokens)
-
-    def embed(self, model: T2TViT, x: Tensor) -> Tensor:
-        return model.embed(x)
-
-    def blocks(self, model: T2TViT) -> nn.Sequential:
-        return model.blocks
-
-    def norm(self, model: T2TViT) -> nn.Module:
-        return model.norm
-
-    def head(self, model: T2TViT, tokens: Tensor) -> Tensor:
-        return model.head(tokens[:, 0])
 
     def gflops(self, model: T2TViT) -> float:
         d = self.dims(model)

@@ -273,23 +273,11 @@ class TimmViTFamily(BackboneFamily):
         embed = model.patch_embed
         return embed.norm(embed.proj(x).flatten(2).transpose(1, 2))
 
-    def cls_token(self, model: VisionTransformer) -> Tensor:
-        return model.cls_token
-
-    def pos_embed(self, model: VisionTransformer) -> Tensor:
-        return model.pos_embed
-
     def pre_blocks(self, model: VisionTransformer, tokens: Tensor) -> Tensor:
         return model.norm_pre(model.pos_drop(tokens))
 
     def embed(self, model: VisionTransformer, x: Tensor) -> Tensor:
         return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-
-    def blocks(self, model: VisionTransformer) -> nn.Sequential:
-        return model.blocks
-
-    def norm(self, model: VisionTransformer) -> nn.Module:
-        return model.norm
 
     def head(self, model: VisionTransformer, tokens: Tensor) -> Tensor:
         return model.forward_head(tokens)
