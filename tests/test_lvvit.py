@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaptive_vit.backbones import BackboneSpec, build_backbone, family_of
+from adaptive_vit.backbones import BackboneSpec, TrainHeads, build_backbone, family_of
 from adaptive_vit.backbones.lvvit import LVBlock, LVViT
 from adaptive_vit.data import ImageDataModule
 from adaptive_vit.data.images import UnreadableImageWarning
@@ -21,6 +21,7 @@ from adaptive_vit.data.token_labels import TokenLabeler, dense_targets
 from adaptive_vit.flops import fvcore_gflops
 from adaptive_vit.methods.cfvit.lit import CFViTLitModule
 from adaptive_vit.methods.cfvit.model import CFViT
+from adaptive_vit.methods.static import StaticViTLitModule
 from conftest import FAST_TRAINER, REPO
 from test_cfvit import assert_every_tensor_lands, fvcore_stage_gflops, tiny_net
 
@@ -316,11 +317,14 @@ def test_flops_of_the_configs(config: str, static: float, exits: list[float], tm
     assert [e["cumulative_gflops"] for e in report["exits"]] == pytest.approx(exits, abs=1e-4)
 
 
+# A tiny LV-ViT in place of a demo config's backbone (32×32 digits, 4-pixel patches: an 8×8 grid).
+TINY_LVVIT = ["--model.init_args.backbone.name", "lvvit_s",
+              "--model.init_args.backbone.kwargs", "{embed_dim: 32, depth: 2, num_heads: 2, stem_width: 8}"]
+
+
 def test_demo_size_cfvit_lvvit_fit_validate_test(run_cli) -> None:  # noqa: ANN001
     config = str(REPO / "configs/demo/cfvit.yaml")
-    tiny = ["--model.init_args.backbone.name", "lvvit_s",
-            "--model.init_args.backbone.kwargs", "{embed_dim: 32, depth: 2, num_heads: 2, stem_width: 8}",
-            "--model.init_args.selection_epoch", "0", "--model.init_args.cls_attn_start", "0",
+    tiny = [*TINY_LVVIT, "--model.init_args.selection_epoch", "0", "--model.init_args.cls_attn_start", "0",
             "--model.init_args.thresholds", "[.inf]"]
     run_cli("fit", "--config", config, *FAST_TRAINER, *tiny)
     ckpt = Path("runs/demo_cfvit/version_0/checkpoints/last.ckpt")
@@ -445,3 +449,41 @@ def test_token_loss_is_the_fine_token_heads_ce_on_the_fine_grid() -> None:
     torch.testing.assert_close(logs["loss_ce"], (cls + token).detach())
     with pytest.raises(ValueError, match="token_label_grid to 8"):
         module.compute_loss(out, target[:, :50])
+
+
+def test_token_labeling_trains_static_lvvit_fit_then_test(run_cli, image_folder: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    labels = write_label_maps(image_folder, tmp_path / "labels")
+    args = ["--config", str(REPO / "configs/demo/static.yaml"), *FAST_TRAINER, *TINY_LVVIT,
+            "--data.init_args.dataset", "folder", "--data.init_args.root", str(image_folder),
+            "--data.init_args.auto_augment", "null", "--data.init_args.label_smoothing", "0.1",
+            "--data.init_args.token_labels", str(labels), "--data.init_args.token_label_grid", "8"]
+    fit = run_cli("fit", *args)
+    logged = fit.trainer.callback_metrics
+    assert all(torch.isfinite(logged[k]) and logged[k] > 0 for k in ("train/loss_cls", "train/loss_token"))
+    torch.testing.assert_close(logged["train/loss"], logged["train/loss_cls"] + logged["train/loss_token"])
+    ckpt = tmp_path / "runs/demo_static/version_0/checkpoints/last.ckpt"
+    test = run_cli("test", *args, "--ckpt_path", str(ckpt))
+    assert isinstance(test.model.net.backbone, LVViT) and 0.0 <= float(test.trainer.callback_metrics["test/top1"]) <= 1.0
+
+
+def test_static_token_labeling_loss_by_hand() -> None:
+    """One image, two classes, two tokens: cls ln 2; tokens ½·ln(16/3) and ln 2; weight ½."""
+    module = StaticViTLitModule(backbone=BackboneSpec("lvvit_s", img_size=8, patch_size=4, drop_path_rate=0.0,
+                                                      kwargs={"embed_dim": 8, "depth": 1, "num_heads": 1,
+                                                              "stem_width": 4}),
+                                num_classes=2, token_loss_weight=0.5)
+    class_logits = torch.tensor([[0.0, 0.0]])
+    dense = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])  # (B, N, classes)
+    target = torch.tensor([[[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]])  # class token, token 1, token 2
+    loss, logs = module.compute_loss(TrainHeads(class_logits, class_logits, dense), target)
+    token = (0.5 * math.log(16 / 3) + math.log(2)) / 2
+    torch.testing.assert_close(logs["loss_cls"], torch.tensor(math.log(2)))
+    torch.testing.assert_close(logs["loss_token"], torch.tensor(token))
+    torch.testing.assert_close(loss, torch.tensor(math.log(2) + 0.5 * token))
+    with pytest.raises(ValueError, match=r"token_label_grid to 1 \(img_size / patch_size\)"):
+        module.compute_loss(TrainHeads(class_logits, class_logits, dense[:, :1]), target)
+    with pytest.raises(ValueError, match="'vit_tiny_patch16_224' has none. Remove data.init_args.token_labels"):
+        deit = StaticViTLitModule(backbone=BackboneSpec("vit_tiny_patch16_224", img_size=8, patch_size=4,
+                                                        kwargs={"embed_dim": 8, "depth": 1, "num_heads": 1}),
+                                  num_classes=2)
+        deit.compute_loss(deit.net.forward_train(torch.randn(1, 3, 8, 8)), target)
