@@ -24,6 +24,7 @@ from adaptive_vit.methods.cfvit.model import CFViT
 from adaptive_vit.methods.static import StaticViTLitModule
 from conftest import FAST_TRAINER, REPO
 from test_cfvit import assert_every_tensor_lands, fvcore_stage_gflops, tiny_net
+from test_resume import CALIBRATE, TINY, assert_same_run, final_state, interrupted
 
 AUTHORS_KEYS = REPO / "tests/reference/cfvit_lvvit_small_7x7_authors_keys.json"
 
@@ -487,3 +488,57 @@ def test_static_token_labeling_loss_by_hand() -> None:
                                                         kwargs={"embed_dim": 8, "depth": 1, "num_heads": 1}),
                                   num_classes=2)
         deit.compute_loss(deit.net.forward_train(torch.randn(1, 3, 8, 8)), target)
+
+
+# ----------------------------------------------------------------------------- model EMA
+
+
+class RawWeights(pl.Callback):
+    """Records one raw (not averaged) weight after every optimiser step."""
+
+    def __init__(self, key: str = "net.vit.blocks.0.attn.qkv.weight") -> None:
+        self.key, self.seen = key, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.seen.append(pl_module.state_dict()[self.key].detach().clone())
+
+
+class StopInValidation(pl.Callback):
+    """Ctrl+C in the middle of the first epoch's validation (after the sanity check)."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        if not trainer.sanity_checking and trainer.current_epoch == 0:
+            raise KeyboardInterrupt
+
+
+def test_model_ema_is_validated_saved_and_resumed(run_cli, tmp_path: Path) -> None:  # noqa: ANN001
+    """CF-ViT with calibrated thresholds and ModelEMA (decay ½): the checkpoint's state_dict is the
+    average of the raw weights step by step, its current_model_state the raw ones, the thresholds the
+    calibrated ones in both; stopped in validation (the average swapped in), or in training, the
+    resumed run ends with the uninterrupted one's weights."""
+    args = ["--config", str(REPO / "configs/demo/cfvit.yaml"), *TINY, "--trainer.max_epochs", "2", *CALIBRATE,
+            "--model.init_args.selection_epoch", "1", "--trainer.callbacks+=ModelEMA",
+            "--trainer.callbacks.decay=0.5"]
+    cli = run_cli("fit", *args, "--trainer.callbacks+=test_lvvit.RawWeights")
+    expected = final_state(cli)  # after fit, the module holds the average (as the best checkpoint does)
+    raw = next(c for c in cli.trainer.callbacks if type(c).__name__ == "RawWeights")
+    average = raw.seen[0]  # Lightning's first update copies the weights
+    for weights in raw.seen[1:]:
+        average = 0.5 * average + 0.5 * weights
+    saved = torch.load(tmp_path / "runs/demo_cfvit/version_0/checkpoints/last.ckpt", weights_only=True)
+    torch.testing.assert_close(saved["state_dict"][raw.key], average)
+    torch.testing.assert_close(saved["current_model_state"][raw.key], raw.seen[-1])
+    assert not torch.allclose(average, raw.seen[-1])
+    thresholds = cli.model.exit_policy.calibrations["fraction_0.7"]["thresholds"]
+    for state in (saved["state_dict"], saved["current_model_state"], expected[0]):
+        assert state["net.exit_thresholds"].tolist() == pytest.approx(thresholds)  # never averaged
+
+    with pytest.raises(SystemExit):  # last.ckpt written while the average is swapped in
+        run_cli("fit", *args, "--trainer.callbacks+=test_lvvit.StopInValidation")
+    weights, _ = final_state(run_cli("fit", *args, "--ckpt_path", "last"))
+    for key, value in expected[0].items():  # trained on from the raw weights, not from the average
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6, msg=key)
+    # (its metrics differ: a fit resumed from inside a validation does not redo it, so that epoch's
+    # calibration is missing; the same without EMA)
+    interrupted(run_cli, args, 3, "interrupt")
+    assert_same_run(expected, run_cli("fit", *args, "--ckpt_path", "last"))
