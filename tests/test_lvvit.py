@@ -457,6 +457,7 @@ def test_token_labeling_trains_static_lvvit_fit_then_test(run_cli, image_folder:
     args = ["--config", str(REPO / "configs/demo/static.yaml"), *FAST_TRAINER, *TINY_LVVIT,
             "--data.init_args.dataset", "folder", "--data.init_args.root", str(image_folder),
             "--data.init_args.auto_augment", "null", "--data.init_args.label_smoothing", "0.1",
+            "--data.init_args.batch_size", "8",  # 3 batches of the 24 training images
             "--data.init_args.token_labels", str(labels), "--data.init_args.token_label_grid", "8"]
     fit = run_cli("fit", *args)
     logged = fit.trainer.callback_metrics
