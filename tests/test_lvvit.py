@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaptive_vit.backbones import BackboneSpec, build_backbone, family_of
+from adaptive_vit.backbones import BackboneSpec, TrainHeads, build_backbone, family_of
 from adaptive_vit.backbones.lvvit import LVBlock, LVViT
 from adaptive_vit.data import ImageDataModule
 from adaptive_vit.data.images import UnreadableImageWarning
@@ -21,8 +21,10 @@ from adaptive_vit.data.token_labels import TokenLabeler, dense_targets
 from adaptive_vit.flops import fvcore_gflops
 from adaptive_vit.methods.cfvit.lit import CFViTLitModule
 from adaptive_vit.methods.cfvit.model import CFViT
+from adaptive_vit.methods.static import StaticViTLitModule
 from conftest import FAST_TRAINER, REPO
 from test_cfvit import assert_every_tensor_lands, fvcore_stage_gflops, tiny_net
+from test_resume import CALIBRATE, TINY, assert_same_run, final_state, interrupted
 
 AUTHORS_KEYS = REPO / "tests/reference/cfvit_lvvit_small_7x7_authors_keys.json"
 
@@ -316,11 +318,14 @@ def test_flops_of_the_configs(config: str, static: float, exits: list[float], tm
     assert [e["cumulative_gflops"] for e in report["exits"]] == pytest.approx(exits, abs=1e-4)
 
 
+# A tiny LV-ViT in place of a demo config's backbone (32×32 digits, 4-pixel patches: an 8×8 grid).
+TINY_LVVIT = ["--model.init_args.backbone.name", "lvvit_s",
+              "--model.init_args.backbone.kwargs", "{embed_dim: 32, depth: 2, num_heads: 2, stem_width: 8}"]
+
+
 def test_demo_size_cfvit_lvvit_fit_validate_test(run_cli) -> None:  # noqa: ANN001
     config = str(REPO / "configs/demo/cfvit.yaml")
-    tiny = ["--model.init_args.backbone.name", "lvvit_s",
-            "--model.init_args.backbone.kwargs", "{embed_dim: 32, depth: 2, num_heads: 2, stem_width: 8}",
-            "--model.init_args.selection_epoch", "0", "--model.init_args.cls_attn_start", "0",
+    tiny = [*TINY_LVVIT, "--model.init_args.selection_epoch", "0", "--model.init_args.cls_attn_start", "0",
             "--model.init_args.thresholds", "[.inf]"]
     run_cli("fit", "--config", config, *FAST_TRAINER, *tiny)
     ckpt = Path("runs/demo_cfvit/version_0/checkpoints/last.ckpt")
@@ -445,3 +450,96 @@ def test_token_loss_is_the_fine_token_heads_ce_on_the_fine_grid() -> None:
     torch.testing.assert_close(logs["loss_ce"], (cls + token).detach())
     with pytest.raises(ValueError, match="token_label_grid to 8"):
         module.compute_loss(out, target[:, :50])
+
+
+def test_token_labeling_trains_static_lvvit_fit_then_test(run_cli, image_folder: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    labels = write_label_maps(image_folder, tmp_path / "labels")
+    args = ["--config", str(REPO / "configs/demo/static.yaml"), *FAST_TRAINER, *TINY_LVVIT,
+            "--data.init_args.dataset", "folder", "--data.init_args.root", str(image_folder),
+            "--data.init_args.auto_augment", "null", "--data.init_args.label_smoothing", "0.1",
+            "--data.init_args.batch_size", "8",  # 3 batches of the 24 training images
+            "--data.init_args.token_labels", str(labels), "--data.init_args.token_label_grid", "8"]
+    fit = run_cli("fit", *args)
+    logged = fit.trainer.callback_metrics
+    assert all(torch.isfinite(logged[k]) and logged[k] > 0 for k in ("train/loss_cls", "train/loss_token"))
+    torch.testing.assert_close(logged["train/loss"], logged["train/loss_cls"] + logged["train/loss_token"])
+    ckpt = tmp_path / "runs/demo_static/version_0/checkpoints/last.ckpt"
+    test = run_cli("test", *args, "--ckpt_path", str(ckpt))
+    assert isinstance(test.model.net.backbone, LVViT) and 0.0 <= float(test.trainer.callback_metrics["test/top1"]) <= 1.0
+
+
+def test_static_token_labeling_loss_by_hand() -> None:
+    """One image, two classes, two tokens: cls ln 2; tokens ½·ln(16/3) and ln 2; weight ½."""
+    module = StaticViTLitModule(backbone=BackboneSpec("lvvit_s", img_size=8, patch_size=4, drop_path_rate=0.0,
+                                                      kwargs={"embed_dim": 8, "depth": 1, "num_heads": 1,
+                                                              "stem_width": 4}),
+                                num_classes=2, token_loss_weight=0.5)
+    class_logits = torch.tensor([[0.0, 0.0]])
+    dense = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])  # (B, N, classes)
+    target = torch.tensor([[[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]])  # class token, token 1, token 2
+    loss, logs = module.compute_loss(TrainHeads(class_logits, class_logits, dense), target)
+    token = (0.5 * math.log(16 / 3) + math.log(2)) / 2
+    torch.testing.assert_close(logs["loss_cls"], torch.tensor(math.log(2)))
+    torch.testing.assert_close(logs["loss_token"], torch.tensor(token))
+    torch.testing.assert_close(loss, torch.tensor(math.log(2) + 0.5 * token))
+    with pytest.raises(ValueError, match=r"token_label_grid to 1 \(img_size / patch_size\)"):
+        module.compute_loss(TrainHeads(class_logits, class_logits, dense[:, :1]), target)
+    with pytest.raises(ValueError, match="'vit_tiny_patch16_224' has none. Remove data.init_args.token_labels"):
+        deit = StaticViTLitModule(backbone=BackboneSpec("vit_tiny_patch16_224", img_size=8, patch_size=4,
+                                                        kwargs={"embed_dim": 8, "depth": 1, "num_heads": 1}),
+                                  num_classes=2)
+        deit.compute_loss(deit.net.forward_train(torch.randn(1, 3, 8, 8)), target)
+
+
+# ----------------------------------------------------------------------------- model EMA
+
+
+class RawWeights(pl.Callback):
+    """Records one raw (not averaged) weight after every optimiser step."""
+
+    def __init__(self, key: str = "net.vit.blocks.0.attn.qkv.weight") -> None:
+        self.key, self.seen = key, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.seen.append(pl_module.state_dict()[self.key].detach().clone())
+
+
+class StopInValidation(pl.Callback):
+    """Ctrl+C in the middle of the first epoch's validation (after the sanity check)."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        if not trainer.sanity_checking and trainer.current_epoch == 0:
+            raise KeyboardInterrupt
+
+
+def test_model_ema_is_validated_saved_and_resumed(run_cli, tmp_path: Path) -> None:  # noqa: ANN001
+    """CF-ViT with calibrated thresholds and ModelEMA (decay ½): the checkpoint's state_dict is the
+    average of the raw weights step by step, its current_model_state the raw ones, the thresholds the
+    calibrated ones in both; stopped in validation (the average swapped in), or in training, the
+    resumed run ends with the uninterrupted one's weights."""
+    args = ["--config", str(REPO / "configs/demo/cfvit.yaml"), *TINY, "--trainer.max_epochs", "2", *CALIBRATE,
+            "--model.init_args.selection_epoch", "1", "--trainer.callbacks+=ModelEMA",
+            "--trainer.callbacks.decay=0.5"]
+    cli = run_cli("fit", *args, "--trainer.callbacks+=test_lvvit.RawWeights")
+    expected = final_state(cli)  # after fit, the module holds the average (as the best checkpoint does)
+    raw = next(c for c in cli.trainer.callbacks if type(c).__name__ == "RawWeights")
+    average = raw.seen[0]  # Lightning's first update copies the weights
+    for weights in raw.seen[1:]:
+        average = 0.5 * average + 0.5 * weights
+    saved = torch.load(tmp_path / "runs/demo_cfvit/version_0/checkpoints/last.ckpt", weights_only=True)
+    torch.testing.assert_close(saved["state_dict"][raw.key], average)
+    torch.testing.assert_close(saved["current_model_state"][raw.key], raw.seen[-1])
+    assert not torch.allclose(average, raw.seen[-1])
+    thresholds = cli.model.exit_policy.calibrations["fraction_0.7"]["thresholds"]
+    for state in (saved["state_dict"], saved["current_model_state"], expected[0]):
+        assert state["net.exit_thresholds"].tolist() == pytest.approx(thresholds)  # never averaged
+
+    with pytest.raises(SystemExit):  # last.ckpt written while the average is swapped in
+        run_cli("fit", *args, "--trainer.callbacks+=test_lvvit.StopInValidation")
+    weights, _ = final_state(run_cli("fit", *args, "--ckpt_path", "last"))
+    for key, value in expected[0].items():  # trained on from the raw weights, not from the average
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6, msg=key)
+    # (its metrics differ: a fit resumed from inside a validation does not redo it, so that epoch's
+    # calibration is missing; the same without EMA)
+    interrupted(run_cli, args, 3, "interrupt")
+    assert_same_run(expected, run_cli("fit", *args, "--ckpt_path", "last"))

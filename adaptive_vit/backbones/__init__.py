@@ -7,6 +7,7 @@ from adaptive_vit.backbones.spec import (
     BackboneDims,
     BackboneFamily,
     BackboneSpec,
+    TrainHeads,
     build_backbone,
     combine_heads,
     crop_regions,
@@ -31,6 +32,6 @@ register_family(T2TViTFamily())
 
 __all__ = [
     "Attention", "BackboneDims", "BackboneFamily", "BackboneSpec", "Block", "Tap", "TimmViTFamily",
-    "LVViT", "LVViTFamily", "T2TViT", "T2TViTFamily", "build_backbone", "combine_heads", "crop_regions", "create_vit",
+    "LVViT", "LVViTFamily", "T2TViT", "T2TViTFamily", "TrainHeads", "build_backbone", "combine_heads", "crop_regions", "create_vit",
     "family_for", "family_of", "register_family", "set_fused_attn", "vit_dims",
 ]

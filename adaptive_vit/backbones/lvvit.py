@@ -33,7 +33,14 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import Tensor, nn
 
-from adaptive_vit.backbones.spec import BackboneDims, BackboneFamily, BackboneSpec, combine_heads, crop_regions
+from adaptive_vit.backbones.spec import (
+    BackboneDims,
+    BackboneFamily,
+    BackboneSpec,
+    TrainHeads,
+    combine_heads,
+    crop_regions,
+)
 from adaptive_vit.backbones.timm_vit import Block, set_fused_attn
 from adaptive_vit.flops import block_flops, norm_flops
 
@@ -193,9 +200,14 @@ class LVViT(nn.Module):
         """Normed tokens → class logits (B, classes) and token logits (B, N, classes)."""
         return self.head(tokens[:, 0]), self.aux_head(tokens[:, 1:])
 
+    def forward_with_heads(self, x: Tensor) -> TrainHeads:
+        """The prediction (as `forward`) and both heads apart, for token labeling."""
+        class_logits, dense = self.forward_heads(self.forward_features(x))
+        return TrainHeads(combine_heads(class_logits, dense, self.dense_weight), class_logits, dense)
+
     def forward(self, x: Tensor) -> Tensor:
         """Logits cls + dense_weight·max over tokens of the token head (B, classes)."""
-        return combine_heads(*self.forward_heads(self.forward_features(x)), self.dense_weight)
+        return self.forward_with_heads(x).logits
 
 
 class LVViTFamily(BackboneFamily):
@@ -254,6 +266,9 @@ class LVViTFamily(BackboneFamily):
 
     def dense_head(self, model: LVViT, tokens: Tensor) -> Tensor:
         return model.aux_head(tokens[:, 1:])
+
+    def train_heads(self, model: LVViT, x: Tensor) -> TrainHeads:
+        return model.forward_with_heads(x)
 
     def head_flops(self, model: LVViT, tokens: int) -> float:
         return tokens * model.embed_dim * model.num_classes

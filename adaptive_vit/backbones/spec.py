@@ -77,6 +77,15 @@ class BackboneDims(NamedTuple):
         return {**d, "num_patches": self.num_patches}
 
 
+class TrainHeads(NamedTuple):
+    """A whole backbone's training forward: its prediction and, for a backbone with a token-labeling
+    head, both heads apart (token labeling trains each against its own target)."""
+
+    logits: Tensor  # (B, classes) the prediction, what the model's forward returns
+    class_logits: Tensor  # (B, classes) the class head alone (= logits without a token head)
+    dense: Tensor | None  # (B, N, classes) the token head on every patch token; None without one
+
+
 class BackboneFamily:
     """How one architecture is built, and what the methods ask of a built model.
 
@@ -181,6 +190,12 @@ class BackboneFamily:
         """Per-patch-token logits (B, N, classes) of a token-labeling head (LV-ViT's ``aux_head``)
         from the normed tokens (B, 1 + N, D); None for a backbone without one (default)."""
         return None
+
+    def train_heads(self, model: nn.Module, x: Tensor) -> TrainHeads:
+        """The whole model on images (B, C, H, W), for training the static backbone. Default: its
+        forward is the class head's prediction, and there is no token head."""
+        logits = model(x)
+        return TrainHeads(logits, logits, None)
 
     def head_flops(self, model: nn.Module, tokens: int) -> float:
         """FLOPs of `head` (and `dense_head`) on a sequence of `tokens` tokens (class token

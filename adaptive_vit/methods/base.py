@@ -35,6 +35,7 @@ from adaptive_vit.callbacks.resume import ExactResume
 from adaptive_vit.checkpoints import load_init_weights, restore_saved_state
 from adaptive_vit.methods.network import AdaptiveNetwork, AdaptiveOutput
 from adaptive_vit.methods.thresholds import ExitPolicy
+from adaptive_vit.methods.token_labeling import soft_target_cross_entropy
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
 
@@ -142,9 +143,16 @@ class AdaptiveLitModule(LightningModule):
         return self.net.exit_gflops()
 
     def criterion(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Soft-target CE for mixup / label-smoothed targets (float), plain CE for class indices."""
+        """Soft-target CE for mixup / label-smoothed targets (float), plain CE for class indices.
+        Token labels (B, 1 + S², classes) are a method's to handle (`methods.token_labeling`)."""
+        if target.ndim == 3:
+            raise ValueError(
+                f"{type(self).__name__} does not train with token labels (data.init_args.token_labels): "
+                "StaticViTLitModule and CFViTLitModule do, with a backbone that has a token-labeling head "
+                "(lvvit_s). Remove data.init_args.token_labels for this method."
+            )
         if target.is_floating_point():
-            return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            return soft_target_cross_entropy(logits, target)
         return F.cross_entropy(logits, target)
 
     def configure_optimizers(self) -> dict[str, Any]:

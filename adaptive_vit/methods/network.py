@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from adaptive_vit.backbones import BackboneSpec, build_backbone, family_of
+from adaptive_vit.backbones import BackboneSpec, TrainHeads, build_backbone, family_of
 
 
 class AdaptiveOutput(NamedTuple):
@@ -135,8 +135,9 @@ class StaticViT(AdaptiveNetwork):
     def from_spec(cls, spec: BackboneSpec, num_classes: int) -> StaticViT:
         return cls(build_backbone(spec, num_classes)[0])
 
-    def forward_train(self, x: Tensor) -> Tensor:
-        return self.backbone(x)
+    def forward_train(self, x: Tensor) -> TrainHeads:
+        """The prediction and, for a backbone with a token-labeling head, both heads apart."""
+        return self.family.train_heads(self.backbone, x)
 
     def forward_exits(self, x: Tensor) -> list[Tensor]:
         return [self.backbone(x)]

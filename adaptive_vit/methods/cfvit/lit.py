@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch.nn.functional as F
@@ -13,6 +12,7 @@ from adaptive_vit.backbones import build_backbone, family_for
 from adaptive_vit.methods.base import AdaptiveLitModule
 from adaptive_vit.methods.cfvit.convert import convert_authors_checkpoint, is_authors_checkpoint
 from adaptive_vit.methods.cfvit.model import CFViT, TrainOutput
+from adaptive_vit.methods.token_labeling import token_labeling_loss
 
 
 class CFViTLitModule(AdaptiveLitModule):
@@ -93,7 +93,11 @@ class CFViTLitModule(AdaptiveLitModule):
         logs: dict[str, Tensor] = {}
         if target.ndim == 3:  # token labels (B, 1 + S², classes): the class token, then every patch token
             coarse, fine = output.coarse_class, output.fine_class
-            ce = self.criterion(fine, target[:, 0]) + self._token_labeling_loss(output, target[:, 1:], logs)
+            # the fine stage's class head and token head (on the fine grid), dense weight 1 (theirs)
+            cls, token = token_labeling_loss(fine, output.fine_dense, target, self.backbone_spec.name,
+                                             "2·coarse_grid")
+            ce = cls + token
+            logs["loss_token"] = token.detach()
         else:
             if output.fine_dense is not None:
                 rank_zero_warn("CF-ViT: training a backbone with a token-labeling head without token labels: "
@@ -105,22 +109,6 @@ class CFViTLitModule(AdaptiveLitModule):
         kl = F.kl_div(F.log_softmax(coarse.float(), -1), F.softmax(fine.detach().float(), -1),
                       reduction="batchmean")
         return ce + self.hparams.kl_weight * kl, {**logs, "loss_ce": ce.detach(), "loss_kl": kl.detach()}
-
-    def _token_labeling_loss(self, output: TrainOutput, target: Tensor, logs: dict[str, Tensor]) -> Tensor:
-        """Soft-target CE of the fine stage's token head on every fine-grid cell (the authors'
-        TokenLabelCrossEntropy, dense weight 1), against `target` (B, S², classes)."""
-        if output.fine_dense is None:
-            raise ValueError("token labels need a backbone with a token-labeling head (e.g. lvvit_s); "
-                             f"{self.backbone_spec.name!r} has none. Remove data.init_args.token_labels.")
-        if output.fine_dense.shape[1] != target.shape[1]:
-            raise ValueError(
-                f"token labels on a {math.isqrt(target.shape[1])}² grid, but the fine stage has "
-                f"{output.fine_dense.shape[1]} tokens: set data.init_args.token_label_grid to "
-                f"{math.isqrt(output.fine_dense.shape[1])} (2·coarse_grid)."
-            )
-        loss = self.criterion(output.fine_dense.flatten(0, 1), target.flatten(0, 1))
-        logs["loss_token"] = loss.detach()
-        return loss
 
     def convert_foreign_checkpoint(self, checkpoint: dict[str, Any]) -> dict[str, Tensor] | None:
         if not is_authors_checkpoint(checkpoint):
