@@ -30,9 +30,10 @@ def tiny(**kwargs) -> MIAFormer:
 
 def random_decisions(batch: int, net: MIAFormer, seed: int = 1) -> Decisions:
     g = torch.Generator().manual_seed(seed)
-    L, H, N = net.dims["depth"], net.dims["num_heads"], net.dims["num_patches"]
-    return Decisions(torch.rand(batch, L, generator=g) > 0.3, torch.rand(batch, L, H, generator=g) > 0.4,
-                     torch.rand(batch, L, N, generator=g) > 0.5)
+    L, H, N = net.depth, max(net.heads_per_layer), max(net.tokens_per_layer)
+    heads = (torch.rand(batch, L, H, generator=g) > 0.4) & (torch.arange(H) < torch.tensor(net.heads_per_layer)[:, None])
+    tokens = (torch.rand(batch, L, N, generator=g) > 0.5) & (torch.arange(N) < torch.tensor(net.tokens_per_layer)[:, None])
+    return Decisions(torch.rand(batch, L, generator=g) > 0.3, heads, tokens)
 
 
 class FixedMIA(nn.Module):

@@ -36,7 +36,7 @@ from adaptive_vit.checkpoints import load_init_weights, restore_saved_state
 from adaptive_vit.methods.network import AdaptiveNetwork, AdaptiveOutput
 from adaptive_vit.methods.thresholds import ExitPolicy
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "attention_biases")  # the last: LeViT's
 
 
 class AdaptiveLitModule(LightningModule):
