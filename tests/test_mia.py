@@ -376,25 +376,32 @@ def test_stage2_on_the_demo_ends_within_5_percent_of_the_target(run_cli):
 
 
 def test_cli_static_then_mia_pipeline_then_test(run_cli, tmp_path):
+    static_then_mia_pipeline(run_cli, tmp_path, [], REPO / "configs/demo/mia.yaml", "demo_mia")
+
+
+def static_then_mia_pipeline(run_cli, tmp_path, backbone: list[str], config, run: str):  # noqa: ANN001
+    """The static demo (its backbone overridden by `backbone`) for two batches, then the MIA-Former
+    demo `config` from it through the three stages (one epoch each), then `test` on its checkpoint;
+    returns the test's CLI."""
     static = REPO / "configs/demo/static.yaml"
     small = ["--data.init_args.batch_size", "16", "--trainer.limit_train_batches", "2", "--trainer.log_every_n_steps", "1"]
-    run_cli("fit", "--config", str(static), *FAST_TRAINER, *small)
+    run_cli("fit", "--config", str(static), *FAST_TRAINER, *small, *backbone)
     static_ckpt = tmp_path / "runs/demo_static/version_0/checkpoints/last.ckpt"
     assert static_ckpt.exists()
-    config = str(REPO / "configs/demo/mia.yaml")
     args = [*FAST_TRAINER, *small, "--model.init_args.init_from", str(static_ckpt),
             "--model.init_args.stage_epochs", "[1, 1, 1, 1]", "--trainer.max_epochs", "4"]
-    cli = run_cli("fit", "--config", config, *args)
+    cli = run_cli("fit", "--config", str(config), *args)
     assert cli.model.phase == "3j"
     optimizer = cli.trainer.optimizers[0]  # re-created at the stage switches (stage 1 is Adam)
     assert type(optimizer) is torch.optim.AdamW
     assert {g["initial_lr"] for g in optimizer.param_groups} == {cli.model.hparams.lr_blocks, cli.model.hparams.lr_controller}
-    ckpt = tmp_path / "runs/demo_mia/version_0/checkpoints/last.ckpt"
-    metrics = (tmp_path / "runs/demo_mia/version_0/metrics.csv").read_text()
+    ckpt = tmp_path / f"runs/{run}/version_0/checkpoints/last.ckpt"
+    metrics = (tmp_path / f"runs/{run}/version_0/metrics.csv").read_text()
     for name in ("train/pretrain_loss", "train/cost_loss", "train/reward", "train/skip_tokens", "val/gflops"):
         assert name in metrics, name
-    test = run_cli("test", "--config", config, *args, "--ckpt_path", str(ckpt))
+    test = run_cli("test", "--config", str(config), *args, "--ckpt_path", str(ckpt))
     assert 0.0 < test.trainer.callback_metrics["test/gflops"] <= test.model.net.exit_gflops()[0] + 1e-9
+    return test
 
 
 def test_cli_flops_json(run_cli, capsys):

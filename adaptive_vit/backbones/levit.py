@@ -5,7 +5,7 @@ LeViT-256). docs/levit.md.
 timm's model is used as it is (its modules, its weights' layout, its forward):
 
 - a stem of four 3×3 stride-2 convolutions with BatchNorm and Hardswish (16 pixels per token;
-  ``kwargs: {stem_type: s8}`` takes three, 8 pixels);
+  ``patch_size: 8``, or ``kwargs: {stem_type: s8}``, takes three, 8 pixels);
 - three stages of residual blocks (`LevitBlock`: attention, then an MLP, each a residual branch)
   at 14×14, 7×7 and 4×4 tokens on a 224 image, widths (192, 288, 384) for LeViT-192 and
   (256, 384, 512) for LeViT-256; between two stages an attention-subsample block
@@ -37,6 +37,7 @@ from adaptive_vit.backbones.spec import BackboneDims, BackboneFamily, BackboneSp
 from adaptive_vit.backbones.timm_vit import create_timm_model
 
 BN_FLOPS_PER_ELEMENT = 2  # fvcore: an eval-mode BatchNorm with affine weights
+STEMS = {16: "s16", 8: "s8"}  # pixels per token → timm's stem_type
 
 Number = float | Tensor
 
@@ -126,14 +127,17 @@ class LeViTFamily(BackboneFamily):
                 f"{spec.name!r} is timm's convolutional LeViT (1×1 convolutions on maps); this tool wraps "
                 f"the Linear + BatchNorm form with the same numbers: use {spec.name.replace('_conv', '')!r}."
             )
-        if spec.patch_size is not None:
-            raise ValueError(
-                f"LeViT's convolutional stem sets the token size (16 pixels, or 8 with kwargs {{stem_type: s8}}): "
-                f"leave backbone.patch_size unset (got {spec.patch_size})."
-            )
         if spec.fused_attn is not None:
             raise ValueError("LeViT's attention adds a position bias and has one kernel: leave backbone.fused_attn unset.")
         kwargs = dict(num_classes=num_classes, drop_path_rate=spec.drop_path_rate, **spec.kwargs)
+        if spec.patch_size is not None:  # the stem's stride: four stride-2 convolutions (16) or three (8)
+            stem = STEMS.get(spec.patch_size)
+            if stem is None or kwargs.setdefault("stem_type", stem) != stem:
+                raise ValueError(
+                    f"LeViT's convolutional stem makes tokens of 16 pixels (stem_type s16) or 8 (s8): backbone."
+                    f"patch_size {spec.patch_size} with kwargs stem_type {kwargs.get('stem_type')!r} is neither; "
+                    "set patch_size to 16 or 8, or leave it unset."
+                )
         if spec.img_size is not None:
             kwargs["img_size"] = spec.img_size
         model = create_timm_model(spec.name, spec.pretrained, "head.linear.weight", **kwargs)

@@ -70,6 +70,16 @@ def _group_of(bounds: Bounds, device: torch.device) -> Tensor:
         return torch.tensor([h for h in range(len(bounds) - 1) for _ in range(bounds[h], bounds[h + 1])], device=device)
 
 
+def active_count(heads: Tensor | None, num_heads: int) -> Number:
+    """Active heads of a (..., H) mask; `num_heads` for None (all)."""
+    return num_heads if heads is None else heads.sum(-1)
+
+
+def at_most_one(count: Number) -> Number:
+    """min(count, 1): 0 when no head is active, else 1."""
+    return count.clamp(max=1) if isinstance(count, Tensor) else min(count, 1)
+
+
 def masked_softmax(logits: Tensor, tokens: Tensor) -> Tensor:
     """DynamicViT's masked softmax over (B, H, T, T) logits: key j is visible to query i if kept,
     or if j == i (a dropped query still attends to itself, so every row has a non-zero sum);
@@ -117,11 +127,11 @@ class BlockOps:
         """
         raise NotImplementedError
 
-    def flops(self, block: nn.Module, tokens: Number, heads: Tensor) -> Number:
+    def flops(self, block: nn.Module, tokens: Number, heads: Tensor | None = None) -> Number:
         """FLOPs of the block on `tokens` tokens (prefix included) with the active heads `heads`,
-        a (..., H) 0/1 mask (float; straight-through masks keep it differentiable), as fvcore
-        counts the sliced path. Zero active heads execute nothing that counts (see the module
-        docstring)."""
+        a (..., H) 0/1 mask (float; straight-through masks keep it differentiable; None: every
+        head, a float), as fvcore counts the sliced path. Zero active heads execute nothing that
+        counts (see the module docstring)."""
         raise NotImplementedError
 
 
@@ -365,14 +375,14 @@ class ViTBlockOps(BlockOps):
         m = F.linear(mlp.act(F.linear(take(y, 2, active, channels), w1, b1)), w2, b2)  # (g, t, kE)
         return add_to_heads(a, m, active, channels)  # fc2 writes only the active groups' channels
 
-    def flops(self, block: nn.Module, tokens: Number, heads: Tensor) -> Number:
+    def flops(self, block: nn.Module, tokens: Number, heads: Tensor | None = None) -> Number:
         """norm1 + norm2, qkv n·D·3hE, attention 2n²hE, proj n·hE·D (`flops.attention_flops`),
         MLP 2·n·hE·(h/H)M (`flops.mlp_flops` with fraction h/H)."""
         attn = block.attn
         H, D = attn.num_heads, attn.head_dim * attn.num_heads
-        h = heads.sum(-1)
+        h = active_count(heads, H)
         # with no active head nothing is normalised (only the proj bias is added)
-        return (2 * norm_flops(tokens, D) * h.clamp(max=1) + attention_flops(tokens, D, h, attn.head_dim)
+        return (2 * norm_flops(tokens, D) * at_most_one(h) + attention_flops(tokens, D, h, attn.head_dim)
                 + mlp_flops(tokens, D, block.mlp.fc1.out_features, h / H))
 
 

@@ -22,7 +22,6 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from adaptive_vit.flops import norm_flops
@@ -40,7 +39,8 @@ class StageCost:
         num_heads: H of its blocks.
         num_patches: N, its decided tokens.
         num_prefix_tokens: P, its always-kept tokens.
-        block: FLOPs of one block on n tokens (prefix included) with a (..., H) active-head mask.
+        block: FLOPs of one block on n tokens (prefix included) with a (..., H) active-head mask
+            (None: every head; `BlockOps.flops`).
         controller_block: FLOPs of a controller's always-run part (pool, CNN_b, FC_b).
         controller_branches: FLOPs of its head and token branches (run when the block runs).
     """
@@ -49,19 +49,19 @@ class StageCost:
     num_heads: int
     num_patches: int
     num_prefix_tokens: int
-    block: Callable[[Number, Tensor], Number]
+    block: Callable[[Number, Tensor | None], Number]
     controller_block: float
     controller_branches: float
 
-    def layer(self, executed: Number, tokens: Number, heads: Tensor) -> Number:
+    def layer(self, executed: Number, tokens: Number, heads: Tensor | None) -> Number:
         """Controller + block: executed ∈ {0, 1} (or a straight-through mask), `tokens` kept patch
-        tokens, `heads` (..., H) the active heads."""
+        tokens, `heads` (..., H) the active heads (None: all)."""
         block = self.block(tokens + self.num_prefix_tokens, heads)
         return self.controller_block + executed * (self.controller_branches + block)
 
     def total(self) -> float:
         """Every layer with everything on."""
-        return self.depth * float(self.layer(1.0, self.num_patches, torch.ones(self.num_heads, dtype=torch.float64)))
+        return self.depth * self.layer(1.0, self.num_patches, None)
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,7 @@ class MIACost:
     def of(cls, stages: list[tuple[StageCost, ...]], backbone_gflops: float) -> MIACost:
         """From the stages' costs and the plain backbone's GFLOPs (its blocks included)."""
         stages = tuple(stages)
-        blocks = sum(s.depth * float(s.block(s.num_patches + s.num_prefix_tokens,
-                                             torch.ones(s.num_heads, dtype=torch.float64))) for s in stages)
+        blocks = sum(s.depth * s.block(s.num_patches + s.num_prefix_tokens, None) for s in stages)
         return cls(stages, backbone_gflops * 1e9 - blocks)
 
     def total(self) -> float:

@@ -37,7 +37,9 @@ from adaptive_vit.methods.mia.block import (
     BlockOps,
     Bounds,
     Number,
+    active_count,
     add_to_heads,
+    at_most_one,
     group_sizes,
     head_channels,
     head_mask,
@@ -141,14 +143,15 @@ class LeViTBlockOps(BlockOps):
         h = mlp.act(linear_norm(mlp.ln1, y[..., c], rows=m, cols=c))
         return add_to_heads(a, linear_norm(mlp.ln2, h, rows=c, cols=m), heads, channels)
 
-    def flops(self, block: nn.Module, tokens: Number, heads: Tensor) -> Number:
+    def flops(self, block: nn.Module, tokens: Number, heads: Tensor | None = None) -> Number:
         """attention (`backbones.levit.attention_flops` with h heads) + MLP on the active groups'
         channels and hidden units; zero heads: 0."""
         channels, hidden = mlp_groups(block)
-        h = heads.sum(-1)
-        cost = attention_flops(block.attn, tokens, h) + mlp_flops(
-            tokens, heads @ group_sizes(channels, heads), heads @ group_sizes(hidden, heads))
-        return cost * h.clamp(max=1)
-
+        h = active_count(heads, block.attn.num_heads)
+        if heads is not None:
+            channels, hidden = heads @ group_sizes(channels, heads), heads @ group_sizes(hidden, heads)
+        else:
+            channels, hidden = channels[-1], hidden[-1]
+        return (attention_flops(block.attn, tokens, h) + mlp_flops(tokens, channels, hidden)) * at_most_one(h)
 
 register_block_ops(LevitBlock, LeViTBlockOps())
