@@ -129,17 +129,25 @@ def test_cost_is_differentiable_through_the_masks():
 # ---------------------------------------------------------------------------------- paths
 
 
-def test_masked_and_sliced_paths_agree():
-    net = tiny()
-    x = torch.randn(5, 3, 32, 32)
+def check_masked_equals_sliced(net: MIAFormer, x: torch.Tensor):
+    """Both paths (and the blocks alone) on random, fixed and the controllers' own decisions:
+    the same logits and GFLOPs. Returns the sliced output of the controllers' decisions."""
     with torch.no_grad():
-        for d in (random_decisions(5, net), net.fixed_decisions(5, 0.25, 0.5, 0.5), None):
+        for d in (random_decisions(len(x), net), net.fixed_decisions(len(x), 0.25, 0.5, 0.5), None):
             masked = net.forward_masked(x, "argmax", override=d)
             sliced = net.forward_sliced(x, d)
             torch.testing.assert_close(sliced.logits, masked.logits, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(sliced.gflops, masked.gflops)
             if d is not None:  # the blocks without any controller compute the same function
                 torch.testing.assert_close(net.forward_blocks(x, d), sliced.logits)
+    return sliced
+
+
+def test_masked_and_sliced_paths_agree():
+    net = tiny()
+    x = torch.randn(5, 3, 32, 32)
+    sliced = check_masked_equals_sliced(net, x)
+    with torch.no_grad():
         # the controllers' own decisions: mixed per image (random init skips some of everything)
         assert 0 < sliced.decisions["blocks"].mean() < 1 and 0 < sliced.decisions["tokens"].mean() < 1
         # batched == one image at a time (grouping by head pattern, token padding)
