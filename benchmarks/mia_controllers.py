@@ -35,7 +35,6 @@ controller's time is its weights and code coming back from memory after the back
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -56,9 +55,8 @@ from adaptive_vit.trainer import benchmark_row, print_table, time_turns
 
 def blocks_alone_gflops(net: MIAFormer, decisions: Decisions) -> float:
     """Mean executed GFLOPs of `decisions` with the controllers' FLOPs left out."""
-    cost = dataclasses.replace(net.cost, controller_block=0.0, controller_branches=0.0)
-    executed = cost.executed(decisions.blocks.float(), decisions.heads.sum(-1).float(),
-                             decisions.tokens.sum(-1).float())
+    executed = net.cost.without_controllers().executed(decisions.blocks.float(), decisions.heads.float(),
+                                                       decisions.tokens.sum(-1).float())
     return float(executed.mean()) / 1e9
 
 
@@ -93,7 +91,7 @@ def dense_references(net: MIAFormer) -> dict[str, nn.Module]:
     """Smaller static timm ViTs shaped like `net`'s backbone (same patches, classes, cls token),
     random weights, by label: 3/4 and 1/2 of its blocks, half its MLP width, half its width and
     heads (DeiT-S → DeiT-Ti's shape). A variant that equals another (a tiny backbone) is listed once."""
-    d = net.dims
+    d = net.family.dims(net.backbone).as_dict()
     img = net.input_size()[1:]
     base = dict(img_size=img, patch_size=d["patch_size"], in_chans=d["in_chans"], num_classes=d["num_classes"],
                 embed_dim=d["dim"], depth=d["depth"], num_heads=d["num_heads"], mlp_ratio=d["mlp_hidden"] / d["dim"])
@@ -126,9 +124,9 @@ def controller_in_context(net: MIAFormer, batch_size: int, repeats: int, flush_m
     `MIAFormer._decide_sliced` under the all-on pattern) on a random block input, timed right
     after itself, right after its block, and after an add over `flush_mb` MB (read and written)."""
     net = net.eval()
-    layer = net.dims["depth"] // 2
+    layer = net.depth // 2
     controller, block = net.controllers[layer], net.backbone.blocks[layer]
-    x = torch.randn(batch_size, 1 + net.dims["num_patches"], net.dims["dim"])
+    x = torch.randn(batch_size, controller.prefix + net.tokens_per_layer[layer], controller.dim)
     everything = net.fixed_patterns(batch_size)["all on"]
     flush = torch.zeros(flush_mb * 2**20 // 4)
 
@@ -176,7 +174,7 @@ def main() -> None:
          for r in rows],
     )
     by_mode = {r["mode"]: r for r in rows}
-    in_model = (by_mode["all on"]["latency_ms"] - by_mode["all on, blocks alone"]["latency_ms"]) / net.dims["depth"]
+    in_model = (by_mode["all on"]["latency_ms"] - by_mode["all on, blocks alone"]["latency_ms"]) / net.depth
     alone = controller_in_context(net, args.batch_size, args.repeats)
     print_table(f"one controller, batch {args.batch_size}", ["context", "ms"],
                 [[label, f"{ms:.3f}"] for label, ms in {**alone, "inside the model (per block)": in_model}.items()])

@@ -30,9 +30,10 @@ def tiny(**kwargs) -> MIAFormer:
 
 def random_decisions(batch: int, net: MIAFormer, seed: int = 1) -> Decisions:
     g = torch.Generator().manual_seed(seed)
-    L, H, N = net.dims["depth"], net.dims["num_heads"], net.dims["num_patches"]
-    return Decisions(torch.rand(batch, L, generator=g) > 0.3, torch.rand(batch, L, H, generator=g) > 0.4,
-                     torch.rand(batch, L, N, generator=g) > 0.5)
+    L, H, N = net.depth, max(net.heads_per_layer), max(net.tokens_per_layer)
+    heads = (torch.rand(batch, L, H, generator=g) > 0.4) & (torch.arange(H) < torch.tensor(net.heads_per_layer)[:, None])
+    tokens = (torch.rand(batch, L, N, generator=g) > 0.5) & (torch.arange(N) < torch.tensor(net.tokens_per_layer)[:, None])
+    return Decisions(torch.rand(batch, L, generator=g) > 0.3, heads, tokens)
 
 
 class FixedMIA(nn.Module):
@@ -128,17 +129,25 @@ def test_cost_is_differentiable_through_the_masks():
 # ---------------------------------------------------------------------------------- paths
 
 
-def test_masked_and_sliced_paths_agree():
-    net = tiny()
-    x = torch.randn(5, 3, 32, 32)
+def check_masked_equals_sliced(net: MIAFormer, x: torch.Tensor):
+    """Both paths (and the blocks alone) on random, fixed and the controllers' own decisions:
+    the same logits and GFLOPs. Returns the sliced output of the controllers' decisions."""
     with torch.no_grad():
-        for d in (random_decisions(5, net), net.fixed_decisions(5, 0.25, 0.5, 0.5), None):
+        for d in (random_decisions(len(x), net), net.fixed_decisions(len(x), 0.25, 0.5, 0.5), None):
             masked = net.forward_masked(x, "argmax", override=d)
             sliced = net.forward_sliced(x, d)
             torch.testing.assert_close(sliced.logits, masked.logits, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(sliced.gflops, masked.gflops)
             if d is not None:  # the blocks without any controller compute the same function
                 torch.testing.assert_close(net.forward_blocks(x, d), sliced.logits)
+    return sliced
+
+
+def test_masked_and_sliced_paths_agree():
+    net = tiny()
+    x = torch.randn(5, 3, 32, 32)
+    sliced = check_masked_equals_sliced(net, x)
+    with torch.no_grad():
         # the controllers' own decisions: mixed per image (random init skips some of everything)
         assert 0 < sliced.decisions["blocks"].mean() < 1 and 0 < sliced.decisions["tokens"].mean() < 1
         # batched == one image at a time (grouping by head pattern, token padding)
@@ -375,25 +384,32 @@ def test_stage2_on_the_demo_ends_within_5_percent_of_the_target(run_cli):
 
 
 def test_cli_static_then_mia_pipeline_then_test(run_cli, tmp_path):
+    static_then_mia_pipeline(run_cli, tmp_path, [], REPO / "configs/demo/mia.yaml", "demo_mia")
+
+
+def static_then_mia_pipeline(run_cli, tmp_path, backbone: list[str], config, run: str):  # noqa: ANN001
+    """The static demo (its backbone overridden by `backbone`) for two batches, then the MIA-Former
+    demo `config` from it through the three stages (one epoch each), then `test` on its checkpoint;
+    returns the test's CLI."""
     static = REPO / "configs/demo/static.yaml"
     small = ["--data.init_args.batch_size", "16", "--trainer.limit_train_batches", "2", "--trainer.log_every_n_steps", "1"]
-    run_cli("fit", "--config", str(static), *FAST_TRAINER, *small)
+    run_cli("fit", "--config", str(static), *FAST_TRAINER, *small, *backbone)
     static_ckpt = tmp_path / "runs/demo_static/version_0/checkpoints/last.ckpt"
     assert static_ckpt.exists()
-    config = str(REPO / "configs/demo/mia.yaml")
     args = [*FAST_TRAINER, *small, "--model.init_args.init_from", str(static_ckpt),
             "--model.init_args.stage_epochs", "[1, 1, 1, 1]", "--trainer.max_epochs", "4"]
-    cli = run_cli("fit", "--config", config, *args)
+    cli = run_cli("fit", "--config", str(config), *args)
     assert cli.model.phase == "3j"
     optimizer = cli.trainer.optimizers[0]  # re-created at the stage switches (stage 1 is Adam)
     assert type(optimizer) is torch.optim.AdamW
     assert {g["initial_lr"] for g in optimizer.param_groups} == {cli.model.hparams.lr_blocks, cli.model.hparams.lr_controller}
-    ckpt = tmp_path / "runs/demo_mia/version_0/checkpoints/last.ckpt"
-    metrics = (tmp_path / "runs/demo_mia/version_0/metrics.csv").read_text()
+    ckpt = tmp_path / f"runs/{run}/version_0/checkpoints/last.ckpt"
+    metrics = (tmp_path / f"runs/{run}/version_0/metrics.csv").read_text()
     for name in ("train/pretrain_loss", "train/cost_loss", "train/reward", "train/skip_tokens", "val/gflops"):
         assert name in metrics, name
-    test = run_cli("test", "--config", config, *args, "--ckpt_path", str(ckpt))
+    test = run_cli("test", "--config", str(config), *args, "--ckpt_path", str(ckpt))
     assert 0.0 < test.trainer.callback_metrics["test/gflops"] <= test.model.net.exit_gflops()[0] + 1e-9
+    return test
 
 
 def test_cli_flops_json(run_cli, capsys):

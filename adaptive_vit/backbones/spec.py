@@ -86,6 +86,22 @@ class TrainHeads(NamedTuple):
     dense: Tensor | None  # (B, N, classes) the token head on every patch token; None without one
 
 
+class BackboneStage(NamedTuple):
+    """Blocks at one token shape, for methods that adapt block by block (MIA-Former).
+
+    `entry` always runs first (LeViT's attention-subsample block between stages; None: nothing),
+    then `blocks`, each taking and returning (B, P + N, D) tokens: P prefix (class) tokens, then
+    the N = rows·cols patch tokens of `grid` in row-major order.
+    """
+
+    entry: nn.Module | None
+    blocks: nn.Sequential
+    dim: int  # D
+    num_heads: int  # H
+    grid: tuple[int, int]  # (rows, cols) of the patch tokens
+    num_prefix_tokens: int  # P
+
+
 class BackboneFamily:
     """How one architecture is built, and what the methods ask of a built model.
 
@@ -177,6 +193,12 @@ class BackboneFamily:
 
     def blocks(self, model: nn.Module) -> nn.Sequential:
         return model.blocks
+
+    def stages(self, model: nn.Module) -> list[BackboneStage]:
+        """The blocks as stages (what runs between `embed` and `norm`). Default: one stage, the
+        `blocks` at the `dims` width, heads and grid, with no entry."""
+        d = self.dims(model)
+        return [BackboneStage(None, self.blocks(model), d.dim, d.num_heads, d.grid, d.num_prefix_tokens)]
 
     def norm(self, model: nn.Module) -> nn.Module:
         """The final norm (its `eps` also sizes methods' extra norms)."""

@@ -160,12 +160,35 @@ def create_vit(
         fused_attn: attention kernel (see `Attention`; None: timm's default, fused).
         overrides: further timm keyword arguments (``embed_dim``, ``depth``, ``num_heads``...).
     """
-    _check_name(name)
     kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, block_fn=Block, **overrides)
     if img_size is not None:
         kwargs["img_size"] = img_size
     if patch_size is not None:
         kwargs["patch_size"] = patch_size
+    try:
+        model = create_timm_model(name, pretrained, "head.weight", **kwargs)
+    except TypeError as err:
+        if "block_fn" in str(err):  # a CNN or another architecture without transformer blocks
+            raise ValueError(f"{name!r} is not a timm VisionTransformer (it takes no block_fn).") from None
+        raise
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer.")
+    set_fused_attn(model, fused_attn)
+    return model
+
+
+def create_timm_model(name: str, pretrained: bool | str, classifier: str, **kwargs) -> nn.Module:
+    """`timm.create_model(name, **kwargs)` with this project's handling of `pretrained`.
+
+    Args:
+        name: a timm model name (checked, with "did you mean" suggestions).
+        pretrained: False; True (download through timm: needs a network); or the path of a local
+            weights file in the timm layout, loaded through timm's ``pretrained_cfg_overlay`` so it
+            works offline (a classifier of another class count is dropped by timm).
+        classifier: the state_dict key of the classifier weight, to read the file's class count.
+        kwargs: timm's keyword arguments (num_classes, img_size, ...).
+    """
+    _check_name(name)
     if isinstance(pretrained, str):
         path = os.path.expanduser(pretrained)
         if not os.path.isfile(path):
@@ -175,23 +198,19 @@ def create_vit(
                 "`pretrained: false`."
             )
         # timm keeps the file's classifier only if the overlay states its class count.
-        overlay = dict(file=path, num_classes=_file_num_classes(path))
+        overlay = dict(file=path, num_classes=_file_num_classes(path, classifier))
         kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
     else:
         kwargs["pretrained"] = bool(pretrained)
     try:
-        model = timm.create_model(name, **kwargs)
+        return timm.create_model(name, **kwargs)
     except RuntimeError as err:
         if isinstance(pretrained, str) and ("state_dict" in str(err) or "size mismatch" in str(err)):
+            shown = {k: v for k, v in kwargs.items() if k not in ("pretrained", "pretrained_cfg_overlay", "block_fn")}
             raise ValueError(
-                f"weights in {pretrained!r} do not fit {name!r} "
-                f"(img_size={img_size}, patch_size={patch_size}, overrides={overrides}): "
+                f"weights in {pretrained!r} do not fit {name!r} ({shown}): "
                 f"{_first_lines(err)}. Use the backbone name these weights were trained as."
             ) from None
-        raise
-    except TypeError as err:
-        if "block_fn" in str(err):  # a CNN or another architecture without transformer blocks
-            raise ValueError(f"{name!r} is not a timm VisionTransformer (it takes no block_fn).") from None
         raise
     except OSError as err:  # hub download without a network, mostly
         if pretrained is True:
@@ -200,17 +219,13 @@ def create_vit(
                 "Offline? Pass a local file instead: `pretrained: /path/to/weights.pth`."
             ) from None
         raise
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer.")
-    set_fused_attn(model, fused_attn)
-    return model
 
 
-def _file_num_classes(path: str) -> int:
-    """Rows of the classifier stored in a timm-layout weights file (0 if it has none)."""
+def _file_num_classes(path: str, classifier: str) -> int:
+    """Rows of the classifier `classifier` stored in a timm-layout weights file (0 if it has none)."""
     from timm.models import load_state_dict
 
-    head = load_state_dict(path).get("head.weight")
+    head = load_state_dict(path).get(classifier)
     return 0 if head is None else head.shape[0]
 
 

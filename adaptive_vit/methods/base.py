@@ -37,7 +37,7 @@ from adaptive_vit.methods.network import AdaptiveNetwork, AdaptiveOutput
 from adaptive_vit.methods.thresholds import ExitPolicy
 from adaptive_vit.methods.token_labeling import soft_target_cross_entropy
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "attention_biases")  # the last: LeViT's
 
 
 class AdaptiveLitModule(LightningModule):

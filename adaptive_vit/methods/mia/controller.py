@@ -144,6 +144,8 @@ class MIAController(nn.Module):
         skip_tokens: decide each patch token (off: all tokens run, no token branch).
         token_global: concatenate the mean token feature to each token's (DynamicViT).
         init_keep_bias: initial bias towards "keep" on every decision's logits (0: unbiased).
+        num_prefix_tokens: tokens before the patch tokens (a class token: 1; LeViT: 0), never
+            decided (always kept) and not read.
     """
 
     def __init__(
@@ -157,14 +159,23 @@ class MIAController(nn.Module):
         skip_tokens: bool = True,
         token_global: bool = True,
         init_keep_bias: float = 0.0,
+        num_prefix_tokens: int = 1,
     ) -> None:
         super().__init__()
-        if dim % (4 * num_heads):
-            raise ValueError(f"MIA-Former needs the width ({dim}) divisible by 4·heads ({4 * num_heads}): E' = E/4.")
+        if dim // 4 < num_heads:
+            raise ValueError(f"MIA-Former needs the width ({dim}) at least 4·heads ({4 * num_heads}): E' = E/4.")
+        if pool < 1:
+            raise ValueError(f"the controller's pooled map needs a side of at least 1 (controller_pool), got {pool}.")
+        # what `fresh` rebuilds (stage 3 re-initialises part of the weights from a fresh controller)
+        self.config = dict(dim=dim, num_heads=num_heads, grid=tuple(grid), pool=pool, skip_blocks=skip_blocks,
+                           skip_heads=skip_heads, skip_tokens=skip_tokens, token_global=token_global,
+                           init_keep_bias=init_keep_bias, num_prefix_tokens=num_prefix_tokens)
         self.dim, self.num_heads, self.grid = dim, num_heads, tuple(grid)
+        self.prefix = num_prefix_tokens
         self.pool_size = (min(pool, grid[0]), min(pool, grid[1]))
         self.reduced = dim // 4  # D/4 = H·E'
-        self.head_reduced = self.reduced // num_heads  # E'
+        # E' = E/4, rounded down when H does not divide D/4 (LeViT-192's 288 channels, 5 heads: 14)
+        self.head_reduced = self.reduced // num_heads
         self.skip_blocks, self.skip_heads, self.skip_tokens = skip_blocks, skip_heads, skip_tokens
         self.token_global = token_global
         r, e = self.reduced, self.head_reduced
@@ -194,6 +205,10 @@ class MIAController(nn.Module):
             for fc in self.actors():
                 fc.bias[..., 1] += self.init_keep_bias
 
+    def fresh(self) -> MIAController:
+        """A newly initialised controller of the same shape, on the same device."""
+        return MIAController(**self.config).to(next(self.parameters()).device)
+
     def actors(self) -> list[nn.Module]:
         """The last layer of each enabled branch (FC_b, FC_h2, FC_n): the A2C actors."""
         return [getattr(self, n) for n in ("fc_b", "fc_h2", "fc_n") if hasattr(self, n)]
@@ -202,8 +217,8 @@ class MIAController(nn.Module):
         return [getattr(self, n) for n in ("critic_b", "critic_h", "critic_n") if hasattr(self, n)]
 
     def features(self, x: Tensor) -> Tensor:
-        """F_b: (B, 1+N, D) → (B, D/4) (CNN_b on the pooled patch map, then global mean)."""
-        pooled = self.pool_matrix.to(x.dtype) @ x[:, 1:]  # (B, pool², D): the map's positions as rows
+        """F_b: (B, P+N, D) → (B, D/4) (CNN_b on the pooled patch map, then global mean)."""
+        pooled = self.pool_matrix.to(x.dtype) @ x[:, self.prefix:]  # (B, pool², D): the map's positions as rows
         return self.cnn(pooled).mean(dim=1)
 
     def block_logits(self, f_b: Tensor) -> Tensor:
@@ -213,8 +228,8 @@ class MIAController(nn.Module):
         return self.fc_h1(f_b).reshape(f_b.shape[0], self.num_heads, self.head_reduced)  # (B, H, E')
 
     def token_features(self, x: Tensor) -> Tensor:
-        """(B, 1+N, D) → (B, N, D/4 or D/2): per patch token, plus the global mean feature."""
-        f = self.mlp_n(x[:, 1:])
+        """(B, P+N, D) → (B, N, D/4 or D/2): per patch token, plus the global mean feature."""
+        f = self.mlp_n(x[:, self.prefix:])
         if self.token_global:
             f = torch.cat([f, f.mean(dim=1, keepdim=True).expand_as(f)], dim=-1)
         return f
@@ -227,7 +242,7 @@ class MIAController(nn.Module):
         straight from argmax (ties skip, as `decide`), no indexing when every image executes.
 
         Args:
-            x: block input (B, 1+N, D).
+            x: block input (B, P+N, D).
             executed: (B,) bool, which images execute the block, in place of the block decision
                 (an override: the block branch still runs).
 
@@ -261,7 +276,7 @@ class MIAController(nn.Module):
         """All enabled branches on every sample (the masked training path).
 
         Args:
-            x: block input (B, 1+N, D).
+            x: block input (B, P+N, D).
             with_values: also run the critic heads (A2C, stage 3).
         """
         f_b = self.features(x) if hasattr(self, "cnn") else None

@@ -1,9 +1,11 @@
 """Analytic FLOPs of MIA-Former per image, from its decisions (docs/methods.md, MIA-Former: cost).
 
-Per executed block with n tokens (cls included) and h active heads: norm1 + norm2 on n tokens,
-qkv n·D·3hE, attention 2n²hE, proj n·hE·D (`flops.attention_flops`), MLP 2·n·hE·(h/H)M
-(`flops.mlp_flops` with fraction h/H), plus every executed controller part. The same arithmetic
-works on floats and on tensors, so with straight-through masks the cost is differentiable.
+Per executed block with n tokens (prefix included) and the active heads h: the block's own
+formula (`BlockOps.flops`; for a DeiT block norm1 + norm2 on n tokens, qkv n·D·3hE, attention
+2n²hE, proj n·hE·D, MLP 2·n·hE·(h/H)M), plus every executed controller part; everything that
+always runs (stem, the blocks between stages, final norm, head) is the backbone's cost less its
+blocks'. The same arithmetic works on floats and on tensors, so with straight-through masks the
+cost is differentiable.
 
 Controller parts, counted as fvcore counts them (a test checks): the 4×4 average pool is a
 (16, N) @ (N, D) matmul (see controller.py), the two 3×3 convolutions count every kernel tap at
@@ -16,78 +18,90 @@ head and token policies). Critic heads run only in training and are not counted.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from adaptive_vit.flops import attention_flops, mlp_flops, norm_flops, patch_embed_flops
+from adaptive_vit.flops import norm_flops
 from adaptive_vit.methods.mia.controller import MIAController
 
 Number = float | Tensor
 
 
 @dataclass(frozen=True)
-class MIACost:
-    """FLOPs of one MIA-Former configuration.
+class StageCost:
+    """FLOPs of the layers (controller + block) of one stage: blocks of one shape.
 
     Args:
-        dim: D. depth: L. num_heads: H. mlp_hidden: M. num_patches: N. patch_size, in_chans,
-        num_classes: for the stem and the classifier.
+        depth: blocks in the stage.
+        num_heads: H of its blocks.
+        num_patches: N, its decided tokens.
+        num_prefix_tokens: P, its always-kept tokens.
+        block: FLOPs of one block on n tokens (prefix included) with a (..., H) active-head mask
+            (None: every head; `BlockOps.flops`).
         controller_block: FLOPs of a controller's always-run part (pool, CNN_b, FC_b).
         controller_branches: FLOPs of its head and token branches (run when the block runs).
     """
 
-    dim: int
     depth: int
     num_heads: int
-    mlp_hidden: int
     num_patches: int
-    patch_size: int
-    in_chans: int
-    num_classes: int
+    num_prefix_tokens: int
+    block: Callable[[Number, Tensor | None], Number]
     controller_block: float
     controller_branches: float
 
+    def layer(self, executed: Number, tokens: Number, heads: Tensor | None) -> Number:
+        """Controller + block: executed ∈ {0, 1} (or a straight-through mask), `tokens` kept patch
+        tokens, `heads` (..., H) the active heads (None: all)."""
+        block = self.block(tokens + self.num_prefix_tokens, heads)
+        return self.controller_block + executed * (self.controller_branches + block)
+
+    def total(self) -> float:
+        """Every layer with everything on."""
+        return self.depth * self.layer(1.0, self.num_patches, None)
+
+
+@dataclass(frozen=True)
+class MIACost:
+    """FLOPs of one MIA-Former configuration: its stages' layers and what always runs.
+
+    Args:
+        stages: the layers' costs, stage by stage.
+        outside: FLOPs of everything that runs for every image outside the layers.
+    """
+
+    stages: tuple[StageCost, ...]
+    outside: float
+
     @classmethod
-    def of(cls, dims: dict[str, int], controller: MIAController) -> MIACost:
-        """From `backbones.vit_dims(backbone)` and one controller (all controllers are alike)."""
-        block, branches = controller_flops(controller, dims["num_patches"])
-        keys = ("dim", "depth", "num_heads", "mlp_hidden", "num_patches", "patch_size", "in_chans", "num_classes")
-        return cls(**{k: dims[k] for k in keys}, controller_block=block, controller_branches=branches)
-
-    def block(self, tokens: Number, heads: Number) -> Number:
-        """One MIA-Block on `tokens` tokens (cls included) with `heads` active heads."""
-        d, h = self.dim, self.num_heads
-        # with no active head nothing is normalised (see block.py: only the proj bias is added)
-        any_head = heads.clamp(max=1) if isinstance(heads, Tensor) else min(heads, 1)
-        return (
-            2 * norm_flops(tokens, d) * any_head
-            + attention_flops(tokens, d, heads, d // h)
-            + mlp_flops(tokens, d, self.mlp_hidden, heads / h)
-        )
-
-    def layer(self, executed: Number, tokens: Number, heads: Number) -> Number:
-        """Controller l + block l: executed ∈ {0, 1} (or a straight-through mask)."""
-        return self.controller_block + executed * (self.controller_branches + self.block(tokens, heads))
-
-    def outside(self) -> float:
-        """Patch embedding, final norm (timm normalises every token) and classifier."""
-        tokens = self.num_patches + 1
-        return (
-            patch_embed_flops(self.num_patches, self.dim, self.patch_size, self.in_chans)
-            + norm_flops(tokens, self.dim)
-            + self.dim * self.num_classes
-        )
+    def of(cls, stages: list[tuple[StageCost, ...]], backbone_gflops: float) -> MIACost:
+        """From the stages' costs and the plain backbone's GFLOPs (its blocks included)."""
+        stages = tuple(stages)
+        blocks = sum(s.depth * s.block(s.num_patches + s.num_prefix_tokens, None) for s in stages)
+        return cls(stages, backbone_gflops * 1e9 - blocks)
 
     def total(self) -> float:
         """Everything on (FLOPs_total): the backbone plus every controller."""
-        return self.outside() + self.depth * self.layer(1.0, self.num_patches + 1, self.num_heads)
+        return self.outside + sum(s.total() for s in self.stages)
 
     def executed(self, blocks: Tensor, heads: Tensor, tokens: Tensor) -> Tensor:
-        """Per image FLOPs from (B, L) executed blocks, active-head counts and kept patch-token
-        counts (cls excluded); differentiable when the counts come from straight-through masks."""
-        per_layer = self.layer(blocks, tokens + 1, heads)  # (B, L)
-        return per_layer.sum(dim=1) + self.outside()
+        """Per image FLOPs from (B, L) executed blocks, (B, L, H_max) active-head masks (each
+        layer's first H of its stage) and (B, L) kept patch-token counts (prefix excluded);
+        differentiable when they come from straight-through masks."""
+        total, start = self.outside, 0
+        for s in self.stages:
+            layers = slice(start, start + s.depth)
+            total = total + s.layer(blocks[:, layers], tokens[:, layers], heads[:, layers, :s.num_heads]).sum(1)
+            start += s.depth
+        return total
+
+    def without_controllers(self) -> MIACost:
+        """The same blocks with no controller counted (what the blocks alone execute)."""
+        stages = tuple(dataclasses.replace(s, controller_block=0.0, controller_branches=0.0) for s in self.stages)
+        return dataclasses.replace(self, stages=stages)
 
 
 def controller_flops(controller: MIAController, num_patches: int) -> tuple[float, float]:
@@ -103,7 +117,8 @@ def controller_flops(controller: MIAController, num_patches: int) -> tuple[float
         block += r * 2  # FC_b
     branches = 0.0
     if controller.skip_heads:
-        branches += r * r + controller.num_heads * controller.head_reduced * 2  # FC_h1, FC_h2
+        branches += r * controller.num_heads * controller.head_reduced  # FC_h1
+        branches += controller.num_heads * controller.head_reduced * 2  # FC_h2
     if controller.skip_tokens:
         token_in = 2 * r if controller.token_global else r
         branches += norm_flops(n, d) + n * d * r + n * r * r + n * token_in * 2  # LN, MLP_n, FC_n

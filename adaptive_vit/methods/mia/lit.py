@@ -36,7 +36,7 @@ from torch import Tensor
 from adaptive_vit.backbones import build_backbone
 from adaptive_vit.methods.base import AdaptiveLitModule
 from adaptive_vit.methods.mia.controller import MIAController
-from adaptive_vit.methods.mia.model import DIMENSIONS, MaskedOutput, MIAFormer
+from adaptive_vit.methods.mia.model import DIMENSIONS, Decisions, MaskedOutput, MIAFormer
 
 PHASES = ("1", "2", "3a", "3j")
 
@@ -51,7 +51,7 @@ class PolicyTerm(NamedTuple):
 
 
 class MIALitModule(AdaptiveLitModule):
-    """MIA-Former on a timm ViT, trained in three stages.
+    """MIA-Former on a backbone (timm ViT, LeViT), trained in three stages.
 
     Args:
         skip_blocks: let the controllers skip blocks (the paper's Table 2 ablation switches).
@@ -257,7 +257,7 @@ class MIALitModule(AdaptiveLitModule):
         gflops = output.gflops.mean()
         logs.update(mean_gflops=gflops.detach(), target_gflops=gflops.new_tensor(self.hparams.target_gflops))
         if self.phase == "1":
-            loss = pretrain_loss(output)
+            loss = pretrain_loss(self.net.kept_fractions(output.decisions))
             logs["pretrain_loss"] = loss.detach()
             return loss, logs
         if self.phase == "2":
@@ -310,12 +310,12 @@ class MIALitModule(AdaptiveLitModule):
         """Mean skip ratios (scalars, logged) and, for `FlopsBudgetTracker`, per-image GFLOPs and
         per-block kept fractions ``decisions/<kind>`` (B, L), heads and tokens counted only
         where the block executed."""
-        d = output.decisions
+        d = self.net.kept_fractions(output.decisions)
         executed = d.blocks.detach()  # (B, L)
         kept = {
             "blocks": executed,
-            "heads": executed * d.heads.detach().mean(-1),
-            "tokens": executed * d.tokens.detach().mean(-1),
+            "heads": executed * d.heads.detach(),
+            "tokens": executed * d.tokens.detach(),
         }
         logs = {"gflops": output.gflops.detach()}
         for dim in DIMENSIONS:
@@ -333,11 +333,11 @@ class MIALitModule(AdaptiveLitModule):
         return key.startswith("controllers.") or key == "policy_initialised"
 
 
-def pretrain_loss(output: MaskedOutput) -> Tensor:
-    """Stage 1: Σ_l [(1 − D_b) + mean(1 − D_h) + mean(1 − D_n)], averaged over the batch
-    (switched-off dimensions are all ones and add nothing)."""
-    d = output.decisions
-    per_block = (1 - d.blocks) + (1 - d.heads).mean(-1) + (1 - d.tokens).mean(-1)  # (B, L)
+def pretrain_loss(kept: Decisions) -> Tensor:
+    """Stage 1: Σ_l [(1 − D_b) + mean(1 − D_h) + mean(1 − D_n)], averaged over the batch, from
+    the (B, L) kept fractions (`MIAFormer.kept_fractions`; switched-off dimensions are all ones
+    and add nothing)."""
+    per_block = (1 - kept.blocks) + (1 - kept.heads) + (1 - kept.tokens)  # (B, L)
     return per_block.sum(1).mean()
 
 
@@ -351,12 +351,12 @@ def policy_terms(output: MaskedOutput) -> list[PolicyTerm]:
         if control.block is not None:
             terms.append(PolicyTerm(control.block[:, None], d.blocks[:, l, None], control.values["block"][:, None],
                                     torch.ones_like(executed)[:, None]))
-        if control.heads is not None:
-            terms.append(PolicyTerm(control.heads, d.heads[:, l], control.values["heads"],
-                                    executed[:, None].expand_as(d.heads[:, l])))
+        if control.heads is not None:  # the block's own heads and tokens (rows are padded)
+            heads = d.heads[:, l, :control.heads.shape[1]]
+            terms.append(PolicyTerm(control.heads, heads, control.values["heads"], executed[:, None].expand_as(heads)))
         if control.tokens is not None:
-            terms.append(PolicyTerm(control.tokens, d.tokens[:, l], control.values["tokens"],
-                                    executed[:, None].expand_as(d.tokens[:, l])))
+            tokens = d.tokens[:, l, :control.tokens.shape[1]]
+            terms.append(PolicyTerm(control.tokens, tokens, control.values["tokens"], executed[:, None].expand_as(tokens)))
     return terms
 
 
@@ -387,9 +387,7 @@ def a2c_losses(terms: list[PolicyTerm], reward: Tensor) -> tuple[Tensor, Tensor,
 def inherit_weights(controller: MIAController, fraction: float) -> None:
     """Keep each controller weight entry with probability `fraction`, re-initialise the others
     (from a freshly initialised controller of the same shape); the critics start fresh."""
-    fresh = MIAController(controller.dim, controller.num_heads, controller.grid, controller.pool_size[0],
-                          controller.skip_blocks, controller.skip_heads, controller.skip_tokens,
-                          controller.token_global, controller.init_keep_bias).to(next(controller.parameters()).device)
+    fresh = controller.fresh()
     critics = {id(p) for c in controller.critics() for p in c.parameters()}
     with torch.no_grad():
         for param, new in zip(controller.parameters(), fresh.parameters()):

@@ -1,6 +1,11 @@
-"""`MIAFormer`: a timm DeiT with a MIA-Controller before every block (no Lightning here).
+"""`MIAFormer`: a backbone with a MIA-Controller before every block (no Lightning here).
 
-Two forward paths share the controllers and the timm blocks:
+The backbone comes from its family as stages (`BackboneFamily.stages`): a timm DeiT is one stage
+of blocks; a LeViT is three, with an attention-subsample block between two stages that always
+runs. Every block gets a controller; its family of layers runs it through a `BlockOps`
+(`block.ViTBlockOps`, `levit_block.LeViTBlockOps`).
+
+Two forward paths share the controllers and the blocks:
 
 - `forward_masked` (training): decisions as masks (hard Gumbel-softmax with straight-through
   gradients, argmax, or actions sampled from the policy for A2C), per-image cost differentiable;
@@ -13,27 +18,31 @@ still run then, so time and cost stay honest.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaptive_vit.backbones import create_vit, family_of
-from adaptive_vit.methods.mia.block import masked_block, sliced_block
+from adaptive_vit.methods.mia import levit_block  # noqa: F401 (registers LeViT's BlockOps)
+from adaptive_vit.methods.mia.block import BlockOps, block_ops, sliced_block
 from adaptive_vit.methods.mia.controller import ControllerOutput, MIAController, decide
-from adaptive_vit.methods.mia.cost import MIACost
+from adaptive_vit.methods.mia.cost import MIACost, StageCost, controller_flops
 from adaptive_vit.methods.network import AdaptiveNetwork, AdaptiveOutput
 
 DIMENSIONS = ("blocks", "heads", "tokens")
 
 
 class Decisions(NamedTuple):
-    """Keep-decisions of every block, 1 = keep/execute (bool or float masks)."""
+    """Keep-decisions of every block, 1 = keep/execute (bool or float masks). Layers with fewer
+    heads or tokens than the widest (LeViT's stages) fill the rest of their row with 0."""
 
     blocks: Tensor  # (B, L)
-    heads: Tensor  # (B, L, H)
-    tokens: Tensor  # (B, L, N) patch tokens (the cls token is always kept)
+    heads: Tensor  # (B, L, H_max)
+    tokens: Tensor  # (B, L, N_max) patch tokens (prefix tokens such as cls are always kept)
 
 
 class MaskedOutput(NamedTuple):
@@ -47,12 +56,18 @@ class MaskedOutput(NamedTuple):
 
 
 class MIAFormer(AdaptiveNetwork):
-    """MIA-Former on a timm ViT (docs/methods.md, "MIA-Former").
+    """MIA-Former on a backbone (docs/methods.md, "MIA-Former"; LeViT: docs/levit.md).
+
+    Decision: the backbone's BatchNorms (LeViT's) always run on their running statistics, in
+    training too (`train`): batch statistics of the masked computation would mix in dropped
+    tokens, skipped images and inactive heads' zeros, and statistics over the kept tokens only
+    would change with the decisions, so training and evaluation would normalise differently.
+    Their weight and bias still train; the statistics stay the pretrained backbone's.
 
     Args:
-        backbone: a timm VisionTransformer built by `backbones.create_vit` (its blocks are
-            reused as MIA-Blocks; stored as `backbone`, as `StaticViT` stores it, so a static
-            checkpoint loads into it).
+        backbone: a model of a registered backbone family whose blocks MIA-Former runs (timm ViT
+            blocks, LeViT blocks); stored as `backbone`, as `StaticViT` stores it, so a static
+            checkpoint loads into it.
         skip_blocks: let the controllers skip whole blocks (the paper's Table 2 "Depth").
         skip_heads: let them skip heads ("Head").
         skip_tokens: let them skip tokens ("Token").
@@ -74,19 +89,20 @@ class MIAFormer(AdaptiveNetwork):
         gumbel_tau: float = 1.0,
     ) -> None:
         super().__init__()
-        _check_backbone(backbone)
         self.backbone = backbone
         self.family = family_of(backbone)
-        shape = self.family.dims(backbone)
-        dims = shape.as_dict()
-        self.dims = dims
-        grid = shape.grid
+        self.stages = self.family.stages(backbone)
+        if any(len(stage.blocks) == 0 for stage in self.stages):
+            raise ValueError("MIA-Former needs at least one block in every stage of the backbone.")
+        self.block_ops: list[BlockOps] = [block_ops(block) for stage in self.stages for block in stage.blocks]
         self.controllers = nn.ModuleList(
-            MIAController(dims["dim"], dims["num_heads"], grid, pool, skip_blocks, skip_heads, skip_tokens,
-                          token_global, init_keep_bias)
-            for _ in range(dims["depth"])
+            MIAController(stage.dim, stage.num_heads, stage.grid, pool, skip_blocks, skip_heads, skip_tokens,
+                          token_global, init_keep_bias, stage.num_prefix_tokens)
+            for stage in self.stages for _ in stage.blocks
         )
-        self.cost = MIACost.of(dims, self.controllers[0])
+        self.heads_per_layer = [c.num_heads for c in self.controllers]  # H of each block
+        self.tokens_per_layer = [c.grid[0] * c.grid[1] for c in self.controllers]  # N of each block
+        self.cost = MIACost.of(self._stage_costs(), self.family.gflops(backbone))
         self.gumbel_tau = gumbel_tau
         # how `forward_train` decides: "gumbel" (stages 1-2) or "sample" (A2C, stage 3)
         self.train_decisions = "gumbel"
@@ -99,10 +115,34 @@ class MIAFormer(AdaptiveNetwork):
         """Build on the timm ViT `backbones.create_vit(name, **vit)` (tests, scripts)."""
         return cls(create_vit(name, **(vit or {})), **kwargs)
 
+    def _stage_costs(self) -> list[StageCost]:
+        costs, first = [], 0
+        for stage in self.stages:
+            controller, ops = self.controllers[first], self.block_ops[first]
+            patches = stage.grid[0] * stage.grid[1]
+            costs.append(StageCost(len(stage.blocks), stage.num_heads, patches, stage.num_prefix_tokens,
+                                   functools.partial(ops.flops, stage.blocks[0]),
+                                   *controller_flops(controller, patches)))
+            first += len(stage.blocks)
+        return costs
+
+    def train(self, mode: bool = True) -> MIAFormer:
+        """Train mode everywhere but in the backbone's BatchNorms (see the class docstring)."""
+        super().train(mode)
+        for module in self.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
     @property
     def skips(self) -> dict[str, bool]:
         c = self.controllers[0]
         return {"blocks": c.skip_blocks, "heads": c.skip_heads, "tokens": c.skip_tokens}
+
+    @property
+    def depth(self) -> int:
+        """L, the blocks with a controller."""
+        return len(self.controllers)
 
     # ------------------------------------------------------------------ shared pieces
 
@@ -112,10 +152,33 @@ class MIAFormer(AdaptiveNetwork):
     def _head(self, x: Tensor) -> Tensor:
         return self.family.head(self.backbone, self.family.norm(self.backbone)(x))
 
+    def _layers(self) -> Iterator[tuple[int, nn.Module | None, nn.Module, BlockOps]]:
+        """(l, what runs before block l: its stage's entry at a stage's first block, else None,
+        block l, its ops)."""
+        l = 0
+        for stage in self.stages:
+            for i, block in enumerate(stage.blocks):
+                yield l, stage.entry if i == 0 else None, block, self.block_ops[l]
+                l += 1
+
     def _gflops(self, blocks: Tensor, heads: Tensor, tokens: Tensor) -> Tensor:
-        """(B, L) executed, head counts, kept patch-token counts → (B,) GFLOPs (float32: raw FLOP
-        counts overflow half precision under AMP)."""
+        """(B, L) executed, (B, L, H_max) active heads, (B, L) kept patch-token counts → (B,)
+        GFLOPs (float32: raw FLOP counts overflow half precision under AMP)."""
         return self.cost.executed(blocks.float(), heads.float(), tokens.float()) / 1e9
+
+    def kept_fractions(self, decisions: Decisions) -> Decisions:
+        """(B, L) each: executed, fraction of the block's heads kept, fraction of its tokens kept
+        (differentiable through straight-through masks)."""
+        heads = decisions.heads.new_tensor(self.heads_per_layer)
+        tokens = decisions.tokens.new_tensor(self.tokens_per_layer)
+        return Decisions(decisions.blocks, decisions.heads.sum(-1) / heads, decisions.tokens.sum(-1) / tokens)
+
+    def _stack(self, per_layer: list[tuple[Tensor, Tensor, Tensor]]) -> Decisions:
+        """Per layer (b (B,), h (B, H_l), n (B, N_l)) → `Decisions`, rows padded with 0."""
+        H, N = max(self.heads_per_layer), max(self.tokens_per_layer)
+        blocks, heads, tokens = zip(*per_layer)
+        return Decisions(torch.stack(blocks, 1), torch.stack([F.pad(h, (0, H - h.shape[-1])) for h in heads], 1),
+                         torch.stack([F.pad(n, (0, N - n.shape[-1])) for n in tokens], 1))
 
     # ------------------------------------------------------------------ training path
 
@@ -131,24 +194,27 @@ class MIAFormer(AdaptiveNetwork):
         """
         x = self._embed(x)
         B = x.shape[0]
-        H, N = self.dims["num_heads"], self.dims["num_patches"]
         ones = x.new_ones
         applied, greedy, controls = [], [], []  # per block: (b, h, n) masks; controller outputs
-        for l, (controller, block) in enumerate(zip(self.controllers, self.family.blocks(self.backbone))):
+        for l, entry, block, ops in self._layers():
+            if entry is not None:
+                x = entry(x)
+            controller = self.controllers[l]
+            H, N = self.heads_per_layer[l], self.tokens_per_layer[l]
             out = controller(x, with_values=with_values)
             kinds = ((out.block, (B,)), (out.heads, (B, H)), (out.tokens, (B, N)))  # None: switched off
             b, h, n = (decide(lg, mode, self.gumbel_tau) if lg is not None else ones(shape) for lg, shape in kinds)
             if override is not None:
                 b, h, n = (o[:, l].to(x.dtype) for o in override)
-            x = masked_block(block, x, b, h, torch.cat([ones(B, 1), n], dim=1))
+                h, n = h[:, :H], n[:, :N]
+            x = ops.masked(block, x, b, h, torch.cat([ones(B, controller.prefix), n], dim=1))
             applied.append((b, h, n))
             with torch.no_grad():
                 greedy.append(tuple(decide(lg, "argmax") if lg is not None else ones(shape) for lg, shape in kinds))
             controls.append(out)
-        decisions = Decisions(*(torch.stack(m, 1) for m in zip(*applied)))
-        argmax = Decisions(*(torch.stack(m, 1) for m in zip(*greedy)))
-        gflops = self._gflops(decisions.blocks, decisions.heads.sum(-1), decisions.tokens.sum(-1))
-        argmax_gflops = self._gflops(argmax.blocks, argmax.heads.sum(-1), argmax.tokens.sum(-1))
+        decisions, argmax = self._stack(applied), self._stack(greedy)
+        gflops = self._gflops(decisions.blocks, decisions.heads, decisions.tokens.sum(-1))
+        argmax_gflops = self._gflops(argmax.blocks, argmax.heads, argmax.tokens.sum(-1))
         return MaskedOutput(self._head(x), gflops, decisions, controls, argmax_gflops)
 
     def forward_train(self, x: Tensor) -> MaskedOutput:
@@ -166,20 +232,23 @@ class MIAFormer(AdaptiveNetwork):
                 head and token branches only for the images that execute the block).
         """
         x = self._embed(x)
-        B, L = x.shape[0], self.dims["depth"]
-        H, N = self.dims["num_heads"], self.dims["num_patches"]
-        executed = torch.zeros(B, L, dtype=torch.float32, device=x.device)  # float32 under `bf16-true` too
-        heads, tokens = torch.zeros_like(executed), torch.zeros_like(executed)
-        for l, (controller, block) in enumerate(zip(self.controllers, self.family.blocks(self.backbone))):
-            b, samples, h, n = self._decide_sliced(controller, x, l, override)
-            x = sliced_block(block, x, samples, h, n)
+        B, L = x.shape[0], self.depth
+        # float32 under `bf16-true` too
+        executed = torch.zeros(B, L, dtype=torch.float32, device=x.device)
+        heads = torch.zeros(B, L, max(self.heads_per_layer), dtype=torch.float32, device=x.device)
+        tokens = torch.zeros_like(executed)
+        for l, entry, block, ops in self._layers():
+            if entry is not None:
+                x = entry(x)
+            b, samples, h, n = self._decide_sliced(self.controllers[l], x, l, override)
+            x = sliced_block(block, x, samples, h, n, ops)
             executed[:, l] = b.float()
-            heads[samples, l] = h.sum(1).float()
+            heads[samples, l, :h.shape[1]] = h.float()
             tokens[samples, l] = n.sum(1).float()
-        decisions = {"blocks": executed, "heads": heads / H, "tokens": tokens / N}
+        kept = self.kept_fractions(Decisions(executed, heads, tokens[..., None]))
         gflops = self._gflops(executed, heads, tokens)
         exit_index = torch.zeros(B, dtype=torch.long, device=x.device)
-        return AdaptiveOutput(self._head(x), exit_index, gflops, decisions)
+        return AdaptiveOutput(self._head(x), exit_index, gflops, kept._asdict())
 
     def forward_blocks(self, x: Tensor, decisions: Decisions) -> Tensor:
         """(B, classes) logits of the sliced blocks under `decisions` with no controller run: those
@@ -187,9 +256,12 @@ class MIAFormer(AdaptiveNetwork):
         checks against fvcore and to time what the blocks cost alone
         (`benchmarks/mia_controllers.py`)."""
         z = self._embed(x)
-        for l, block in enumerate(self.family.blocks(self.backbone)):
+        for l, entry, block, ops in self._layers():
+            if entry is not None:
+                z = entry(z)
             samples = decisions.blocks[:, l].nonzero()[:, 0]
-            z = sliced_block(block, z, samples, decisions.heads[samples, l], decisions.tokens[samples, l])
+            z = sliced_block(block, z, samples, decisions.heads[samples, l, :self.heads_per_layer[l]],
+                             decisions.tokens[samples, l, :self.tokens_per_layer[l]], ops)
         return self._head(z)
 
     def _decide_sliced(self, controller: MIAController, x: Tensor, l: int,
@@ -200,7 +272,8 @@ class MIAFormer(AdaptiveNetwork):
         if override is None:
             return controller.decide_sliced(x)
         b, samples, _, _ = controller.decide_sliced(x, executed=override.blocks[:, l].bool())
-        return b, samples, override.heads[samples, l].bool(), override.tokens[samples, l].bool()
+        H, N = self.heads_per_layer[l], self.tokens_per_layer[l]
+        return b, samples, override.heads[samples, l, :H].bool(), override.tokens[samples, l, :N].bool()
 
     # ------------------------------------------------------------------ the contract
 
@@ -211,13 +284,18 @@ class MIAFormer(AdaptiveNetwork):
         return [self.forward_sliced(x).logits]
 
     def decision_maps(self, x: Tensor) -> dict[str, Tensor]:
-        """The eval decisions as masks: ``blocks`` (B, L), ``heads`` (B, L, H) and ``tokens``
-        (B, L, rows, cols) of kept patch tokens on the patch grid, all bool. The masked path in
-        argmax mode makes the same decisions as the sliced path (tested)."""
+        """The eval decisions as masks: ``blocks`` (B, L), ``heads`` (B, L, H_max) and ``tokens``
+        (B, L, rows, cols) of kept patch tokens on the first block's grid (a later stage's coarser
+        grid resampled to it, nearest), all bool. The masked path in argmax mode makes the same
+        decisions as the sliced path (tested)."""
         decisions = self.forward_masked(x, mode="argmax").decisions
-        grid = self.family.dims(self.backbone).grid
+        grid = self.controllers[0].grid
+        maps = []
+        for l, controller in enumerate(self.controllers):
+            kept = decisions.tokens[:, l, :self.tokens_per_layer[l]].unflatten(-1, controller.grid)  # (B, r, c)
+            maps.append(F.interpolate(kept[:, None], size=grid, mode="nearest")[:, 0])
         return {"blocks": decisions.blocks.bool(), "heads": decisions.heads.bool(),
-                "tokens": decisions.tokens.bool().unflatten(-1, grid)}
+                "tokens": torch.stack(maps, 1).bool()}
 
     def exit_gflops(self) -> list[float]:
         """One exit: everything on, controllers included (FLOPs_total)."""
@@ -256,31 +334,17 @@ class MIAFormer(AdaptiveNetwork):
         Skipped blocks are spread evenly, the last heads are skipped, and each image drops a
         random (seeded) set of tokens of the same size.
         """
-        L, H, N = self.dims["depth"], self.dims["num_heads"], self.dims["num_patches"]
+        L, H, N = self.depth, max(self.heads_per_layer), max(self.tokens_per_layer)
         keep_b = torch.ones(L, dtype=torch.bool)
         skip = round(blocks * L)
         if skip:
             keep_b[torch.linspace(L - 1, 0, skip).round().long()] = False
-        keep_h = torch.arange(H) < H - round(heads * H)
+        keep_h = torch.zeros(L, H, dtype=torch.bool)
+        keep_n = torch.zeros(batch, L, N, dtype=torch.bool)
         generator = torch.Generator().manual_seed(seed)
-        order = torch.rand(batch, L, N, generator=generator).argsort(-1)
-        keep_n = order >= round(tokens * N)
-        return Decisions(
-            keep_b.expand(batch, L).to(device),
-            keep_h.expand(batch, L, H).to(device),
-            keep_n.to(device),
-        )
+        draws = torch.rand(batch, L, N, generator=generator)
+        for l, (h, n) in enumerate(zip(self.heads_per_layer, self.tokens_per_layer)):
+            keep_h[l, :h - round(heads * h)] = True
+            keep_n[:, l, :n] = draws[:, l, :n].argsort(-1) >= round(tokens * n)
+        return Decisions(keep_b.expand(batch, L).to(device), keep_h.expand(batch, L, H).to(device), keep_n.to(device))
 
-
-def _check_backbone(backbone: nn.Module) -> None:
-    """MIA-Blocks slice timm's plain pre-norm block: refuse variants they would get wrong."""
-    if getattr(backbone, "num_prefix_tokens", 1) != 1 or getattr(backbone, "global_pool", "token") != "token":
-        raise ValueError("MIA-Former needs a ViT with exactly one cls token and cls-token pooling (e.g. DeiT).")
-    block = backbone.blocks[0]
-    plain = all(isinstance(m, nn.Identity) for m in (block.ls1, block.ls2, block.attn.norm, block.mlp.norm))
-    gated = getattr(block.attn, "gate", None) is not None
-    if not plain or gated:
-        raise ValueError(
-            "MIA-Former slices plain timm blocks; this backbone has layer scale, a scale norm or "
-            "gated attention. Use a DeiT/ViT backbone without them (e.g. deit_small_patch16_224)."
-        )
