@@ -4,6 +4,7 @@ exit, the authors' checkpoints, the demo pipeline)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -264,14 +265,17 @@ def test_converted_t2t_cascade_computes_the_authors_function(splits: list[dict],
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_init_from_the_authors_t2t_file(tmp_path: Path) -> None:
+def test_init_from_the_authors_t2t_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     hparams = dict(num_classes=10, img_size=32, patch_sizes=None, paddings=None, exit_kwargs=SPLITS_32,
                    reuse_hidden=16, reuse_dim=8,
                    backbone=BackboneSpec(name="t2t_vit_12", drop_path_rate=0.0, kwargs=TINY_T2T))
     theirs = in_authors_layout(DVTLitModule(**hparams).net)
     path = tmp_path / "dvt_t2t.pth.tar"
-    torch.save({"model_state_dict": theirs, "flops": np.array([0.5, 1.5, 3.5])}, path)
-    module = DVTLitModule(init_from=str(path), **hparams)
+    torch.save({"model_state_dict": theirs, "flops": np.array([0.5, 1.5, 3.5]),
+                "dynamic_threshold": [[0.91, 0.85, -1e8]]}, path)
+    with caplog.at_level(logging.INFO):
+        module = DVTLitModule(init_from=str(path), **hparams)
+    assert "flops [0.5, 1.5, 3.5], dynamic_threshold [[0.91, 0.85, -100000000.0]]" in caplog.text
     ours = [v for k, v in module.net.state_dict().items() if k != "exit_thresholds"]
     for loaded, (key, value) in zip(ours, theirs.items(), strict=True):  # `theirs` is in our order
         torch.testing.assert_close(loaded, value, msg=key)

@@ -25,6 +25,8 @@ function:
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from adaptive_vit.checkpoints import short_list
@@ -83,3 +85,22 @@ def _rename(rest: str) -> str:
     for theirs, ours in _RENAMES:
         rest = rest.replace(theirs, ours)
     return "vit." + rest
+
+
+def authors_extras(checkpoint: dict[str, Any]) -> str | None:
+    """What the authors' file holds besides the weights and is worth seeing next to this tool's
+    own figures: their per-exit ``flops`` and their ``dynamic_threshold`` (the exit thresholds of
+    their budgeted evaluation). None when it holds neither."""
+    found = {key: checkpoint[key] for key in ("flops", "dynamic_threshold") if key in checkpoint}
+    if not found:
+        return None
+    shown = ", ".join(f"{key} {_compact(value)}" for key, value in found.items())
+    return (f"The authors' checkpoint also holds {shown}. Compare with `adaptive-vit flops` and with "
+            "the thresholds ThresholdCalibration fits; to test at one of theirs, pass it as "
+            "--model.init_args.thresholds [t1, t2].")
+
+
+def _compact(value: Any, limit: int = 200) -> str:
+    """A numeric value (tensor, array, nested lists) on one line, cut at `limit` characters."""
+    text = " ".join(repr(value.tolist() if hasattr(value, "tolist") else value).split())
+    return text if len(text) <= limit else text[:limit] + " …"

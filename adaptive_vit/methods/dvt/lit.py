@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from adaptive_vit.methods.base import AdaptiveLitModule
-from adaptive_vit.methods.dvt.convert import AUTHORS_EXITS, convert_authors_checkpoint
+from adaptive_vit.methods.dvt.convert import AUTHORS_EXITS, authors_extras, convert_authors_checkpoint
 from adaptive_vit.methods.dvt.model import DVT
 
 
@@ -77,4 +78,7 @@ class DVTLitModule(AdaptiveLitModule):
         state = checkpoint.get("model_state_dict")
         if not isinstance(state, dict) or not any(k.split(".")[0] in AUTHORS_EXITS for k in state):
             return None
+        extras = authors_extras(checkpoint)
+        if extras:
+            rank_zero_info(extras)
         return convert_authors_checkpoint(state, self.net.state_dict())
