@@ -280,6 +280,18 @@ def test_flops_budget_csv_logs_and_warning(tmp_path, data_root):
     assert logged["train/flops/ratio"].item() == pytest.approx(1.2)
 
 
+def test_flops_budget_takes_the_models_target_unless_given(tmp_path, data_root):
+    model = tiny_model(thresholds=[0.5])
+    model.hparams.target_gflops = 1.2  # as MIALitModule's `target_gflops`
+    fit = trainer(tmp_path, [FlopsBudgetTracker(tolerance=0.1)], max_epochs=1, limit_train_batches=1)
+    with pytest.warns(UserWarning, match=r"exceeds the target 1.2 by"):
+        fit.fit(model, datamodule(data_root))
+    assert float(read_rows(tmp_path / "run" / "version_0" / "flops_budget.csv")[0]["target_gflops"]) == 1.2
+    given = FlopsBudgetTracker(target_gflops=100.0)
+    trainer(tmp_path / "given", [given], max_epochs=1, limit_train_batches=1).fit(model, datamodule(data_root))
+    assert given.target_gflops == 100.0
+
+
 def test_flops_budget_stops_when_asked(tmp_path, data_root):
     tracker = FlopsBudgetTracker(target_gflops=1.0, tolerance=0.0, stop_on_exceed=True)
     fit = trainer(tmp_path, [tracker], max_epochs=5, limit_train_batches=1)

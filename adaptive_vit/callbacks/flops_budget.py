@@ -34,7 +34,8 @@ class FlopsBudgetTracker(Callback):
     DDP ranks), go to ``flops_budget.csv`` in the log folder.
 
     Args:
-        target_gflops: mean GFLOPs per image the evaluated model should stay within (None: no check).
+        target_gflops: mean GFLOPs per image the evaluated model should stay within (None: the
+            model's own `target_gflops` if it has one, as MIA-Former does, else no check).
         tolerance: relative slack over the target before it counts as exceeded (0.05 = 5 %).
         stop_on_exceed: stop training when a validation epoch exceeds the target (else warn only).
         per_block: also log each block's skip ratio (the CSV always has them).
@@ -68,6 +69,8 @@ class FlopsBudgetTracker(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._strategy = trainer.strategy
         self._fitting = stage == "fit"
+        if self.target_gflops is None:  # one source for the target: the model's, if it has one
+            self.target_gflops = getattr(pl_module.hparams, "target_gflops", None)
 
     def state_dict(self) -> dict[str, Any]:
         """The CSV rows so far and the running sums, reduced over ranks (every rank saves a
