@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -381,6 +382,20 @@ def test_stage2_on_the_demo_ends_within_5_percent_of_the_target(run_cli):
                   "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "40",
                   "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]")
     assert float(cli.trainer.callback_metrics["val/gflops"]) == pytest.approx(target, rel=0.05)
+
+
+@pytest.mark.parametrize("stage1_lr", [0.0, 0.1])
+def test_stage1_ending_with_skipping_is_warned_about(run_cli, stage1_lr):
+    """Stage 1 must end with nothing skipped (the model equals its backbone): fresh controllers
+    that did not learn (lr 0) still skip and are warned about; a high lr reaches all-on."""
+    args = ["fit", "--config", str(REPO / "configs/demo/mia.yaml"), *FAST_TRAINER,
+            "--model.init_args.stage_epochs", "[1, 1, 0, 0]", "--trainer.max_epochs", "2",
+            "--trainer.limit_train_batches", "10", "--model.init_args.stage1_lr", str(stage1_lr)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli(*args)
+    warned = [w for w in caught if "stage 1 ended with the controllers still skipping" in str(w.message)]
+    assert len(warned) == (1 if stage1_lr == 0.0 else 0)
 
 
 def test_cli_static_then_mia_pipeline_then_test(run_cli, tmp_path):

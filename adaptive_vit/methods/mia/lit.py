@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from adaptive_vit.backbones import build_backbone
@@ -214,10 +215,29 @@ class MIALitModule(AdaptiveLitModule):
     def on_train_epoch_start(self) -> None:
         phase = self.phase_at(self.current_epoch)
         if phase != self.phase:
+            if self.phase == "1":
+                self._check_stage1_finished()
             self.enter_phase(phase)
             self.trainer.strategy.setup_optimizers(self.trainer)  # the new phase's optimiser
         # 1, 2, 3 (stage 3 agent-only), 4 (stage 3 joint)
         self.log("train/phase", float(PHASES.index(self.phase) + 1), on_epoch=True, on_step=False)
+
+    def on_fit_end(self) -> None:
+        if self.phase == "1":
+            self._check_stage1_finished()
+
+    def _check_stage1_finished(self) -> None:
+        """Stage 1 ends when nothing is skipped and the model equals its backbone (docs/methods.md):
+        warn if the last validation still skipped work, since stage 2 would then start below the
+        backbone's accuracy (measured on the demo: docs/performance.md, MIA-Former: demo accuracy)."""
+        validated = self.trainer.callback_metrics.get("val/gflops")
+        all_on = self.net.exit_gflops()[0]
+        if validated is not None and float(validated) < all_on * (1 - 1e-3):
+            rank_zero_warn(
+                f"MIA-Former: stage 1 ended with the controllers still skipping work at validation "
+                f"({float(validated):.4g} of {all_on:.4g} GFLOPs with everything on): the model is not yet "
+                "its backbone. Give stage 1 more epochs (stage_epochs[0]) or a higher stage1_lr."
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
