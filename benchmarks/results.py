@@ -7,14 +7,17 @@ checkpoint), then, per method and per operating point:
   the accuracy-GFLOPs curve, thresholds fitted on the validation digits), each tested again with
   `trainer.test` at that budget (test top-1, mean GFLOPs, PGD/FGSM robust top-1 from
   `RobustnessEvaluation`);
-- MIA-Former and the static model: their single operating point;
+- MIA-Former and the static model: their single operating point; MIA-Former then also at
+  further FLOPs targets (`MIA_TARGETS`, fractions of the static model's GFLOPs) and, at the
+  demo config's target, with one decision dimension at a time (`MIA_ABLATIONS`, the paper's
+  Table 2), each its own three-stage fit from the static checkpoint, tested with PGD/FGSM;
 
 and times the network's real `forward_adaptive` at those thresholds on the test images in
 batches of 64, interleaved with the static demo model in the same process (median of --repeats),
 so each row has a measured speedup beside its FLOPs reduction.
 
 Writes into --out (default results/): demo.json, demo.csv, accuracy_vs_gflops.png, exits.png,
-mia_skipping.png and README_table.md (the README's table, with the command, date and commit).
+mia_skipping.png and README_table.md (the README's tables, with the command, date and commit).
 
     python -m benchmarks.results                # `make results` (run times: docs/performance.md)
     python -m benchmarks.results --quick        # 1 short epoch each, 2 test batches: a smoke run
@@ -26,6 +29,7 @@ import argparse
 import datetime
 import json
 import math
+import multiprocessing
 import shlex
 import statistics
 import subprocess
@@ -42,7 +46,7 @@ from adaptive_vit import reports
 from adaptive_vit.callbacks import RobustnessEvaluation
 from adaptive_vit.methods.network import AdaptiveNetwork
 from adaptive_vit.trainer import benchmark_row, time_turns
-from benchmarks.demo import REPO, DemoRun, run_demos
+from benchmarks.demo import REPO, DemoRun, fit_and_test, run_demos
 
 BATCH = 64  # batch size of the throughput figures
 
@@ -50,6 +54,15 @@ QUICK_TRAINER = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "
                  "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2"]
 QUICK = {  # one short epoch each (MIA-Former: one per stage)
     "mia": [*QUICK_TRAINER, "--trainer.max_epochs", "4", "--model.init_args.stage_epochs", "[1, 1, 1, 1]"],
+}
+
+# MIA-Former's further operating points, each a whole pipeline (stages 1-3) from the static
+# checkpoint: the paper trains one model per target, and stage 1 (target-free) is one epoch.
+MIA_TARGETS = (0.6, 0.7, 0.9)  # fractions of the static GFLOPs; the demo config holds 0.8
+MIA_ABLATIONS = {  # the paper's Table 2: one decision dimension at the demo config's target
+    "blocks_only": ["--model.init_args.skip_heads", "false", "--model.init_args.skip_tokens", "false"],
+    "heads_only": ["--model.init_args.skip_blocks", "false", "--model.init_args.skip_tokens", "false"],
+    "tokens_only": ["--model.init_args.skip_blocks", "false", "--model.init_args.skip_heads", "false"],
 }
 
 Batches = list[tuple[Tensor, Tensor]]
@@ -100,6 +113,12 @@ def selected_budget(run: DemoRun) -> str | None:
     if model.exit_policy.budget:
         return model.exit_policy.budget
     return next((cb.select for cb in run.test.trainer.callbacks if hasattr(cb, "select")), None)
+
+
+def robust_top1(metrics: dict[str, float]) -> dict[str, float]:
+    """{attack label: robust top-1} from a test's logged metrics (`RobustnessEvaluation`)."""
+    return {key.split("/")[2]: value for key, value in metrics.items()
+            if key.startswith("test/robust/") and key.endswith("/top1") and key.count("/") == 3}
 
 
 def test_batches(run: DemoRun) -> Batches:
@@ -198,6 +217,7 @@ def method_rows(run: DemoRun, static: DemoRun, repeats: int,
         calibration = model.exit_policy.calibrations.get(budget, {})
         rows.append({
             "method": run.name, "budget": point, "kind": kind,
+            "target_gflops": getattr(model.hparams, "target_gflops", None),
             "test_top1": metrics["test/top1"], "gflops": metrics["test/gflops"],
             "gflops_ratio": metrics["test/gflops"] / static_gflops,
             "timed_gflops": measured["gflops"],
@@ -205,8 +225,7 @@ def method_rows(run: DemoRun, static: DemoRun, repeats: int,
             "val_gflops": calibration.get("gflops"),
             "exit_fractions": dict(zip(net.exit_names, measured["exit_fractions"])),
             "robust_clean_top1": metrics.get("test/robust/clean_top1"),
-            "robust": {key.split("/")[2]: value for key, value in metrics.items()
-                       if key.startswith("test/robust/") and key.endswith("/top1") and key.count("/") == 3},
+            "robust": robust_top1(metrics),
             "thresholds": thresholds,
             "test_seconds": round(seconds, 1),
         })
@@ -226,6 +245,66 @@ def method_rows(run: DemoRun, static: DemoRun, repeats: int,
     if kept:
         extras["skip_ratios"] = skip_ratios(kept, images)
     return rows, extras
+
+
+# ---------------------------------------------------------------------- MIA-Former: targets, ablations
+
+
+def mia_variants(static_checkpoint: str, static_gflops: float, target: float) -> dict[str, tuple[str, float, list[str]]]:
+    """{name: (kind, target GFLOPs, CLI arguments)} of the further MIA-Former fits.
+
+    Args:
+        static_checkpoint: the static demo model's checkpoint (every fit's `init_from`).
+        static_gflops: its GFLOPs per image (the targets are fractions of it).
+        target: the demo config's target (the ablations' target).
+    """
+    variants = {}
+    for fraction in MIA_TARGETS:
+        variants[f"target_{fraction}"] = ("curve", fraction * static_gflops, [])
+    for name, arguments in MIA_ABLATIONS.items():
+        variants[name] = ("ablation", target, arguments)
+    return {name: (kind, gflops, ["--model.init_args.init_from", static_checkpoint,
+                                  "--model.init_args.target_gflops", f"{gflops:.6g}", *arguments])
+            for name, (kind, gflops, arguments) in variants.items()}
+
+
+def fit_and_test_mia(job: tuple[str, list[str], str]) -> dict[str, Any]:
+    """One MIA-Former variant's fit and test in a worker process with one thread: its metrics."""
+    name, arguments, runs = job
+    torch.set_num_threads(1)
+    run = fit_and_test(f"mia_{name}", REPO / "configs/demo/mia.yaml", Path(runs), arguments)
+    return {"metrics": run.metrics, "seconds": run.seconds, "checkpoint": run.checkpoint}
+
+
+def mia_variant_rows(main: dict[str, Any], static: DemoRun, runs: Path, extra: list[str],
+                     jobs: int) -> list[dict[str, Any]]:
+    """Fit and test every `mia_variants` entry (`jobs` at a time, one thread each: tiny models use
+    two cores better as two processes) and return their result rows (no timing: the speed
+    columns belong to the demo config's point).
+
+    Args:
+        main: the demo config's MIA-Former row (its target and GFLOPs are the ablations').
+        static: the static demo run (checkpoint and GFLOPs).
+        runs: root folder of the runs.
+        extra: further CLI arguments of every fit and test (e.g. --quick's short epochs).
+        jobs: processes at a time.
+    """
+    static_gflops = static.test.model.net.static_gflops()
+    variants = mia_variants(static.checkpoint, static_gflops, main["target_gflops"])
+    work = [(name, [*arguments, *extra], str(runs)) for name, (_, _, arguments) in variants.items()]
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        results = pool.map(fit_and_test_mia, work, chunksize=1)
+    rows = []
+    for (name, (kind, target, _)), result in zip(variants.items(), results):
+        metrics = result["metrics"]
+        rows.append({
+            "method": "mia", "budget": name, "kind": kind, "target_gflops": target,
+            "test_top1": metrics["test/top1"], "gflops": metrics["test/gflops"],
+            "gflops_ratio": metrics["test/gflops"] / static_gflops,
+            "robust_clean_top1": metrics.get("test/robust/clean_top1"), "robust": robust_top1(metrics),
+            "exit_fractions": {}, "method_seconds": result["seconds"], "checkpoint": result["checkpoint"],
+        })
+    return rows
 
 
 # ---------------------------------------------------------------------- choosing and writing
@@ -281,7 +360,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         chosen = report["chosen"].get(method)
         for row in own:
             is_chosen = chosen is not None and row["budget"] == chosen
-            if row["kind"] == "curve" and not is_chosen:
+            if row["kind"] in ("curve", "ablation") and not is_chosen:  # their own figure, MIA-Former's own table
                 continue
             budget = f"`{row['budget']}`" + (" ★" if is_chosen and row["kind"] != "static" else "")
             lines.append(
@@ -290,6 +369,7 @@ def markdown_table(report: dict[str, Any]) -> str:
                 f"{row['flops_reduction']:.2f}x | {_pct(_robust(row, 'pgd'))} | {_pct(_robust(row, 'fgsm'))} |"
             )
     p = report["provenance"]
+    mia = mia_table(rows)
     return "\n".join([
         *lines, "",
         f"★ the cheapest budget whose validation top-1 reaches the static model's (else the most "
@@ -298,7 +378,32 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"model, {p['threads']} CPU threads. Every budget's row: `demo.csv` beside this table.",
         f"Produced by `{p['command']}` on {p['date']} at commit `{p['commit']}` in "
         f"{p['total_minutes']:.0f} min.",
+        *(["", mia] if mia else []),
     ]) + "\n"
+
+
+def mia_table(rows: list[dict[str, Any]]) -> str:
+    """MIA-Former at each FLOPs target and, at one target, with one decision dimension at a time
+    (the paper's Table 2), beside the static model (empty without variants)."""
+    static = next((r for r in rows if r["method"] == "static"), None)
+    mia = [r for r in rows if r["method"] == "mia"]
+    if len(mia) < 2 or static is None:
+        return ""
+    lines = ["| MIA-Former | target (vs static) | test top-1 | vs static top-1 | GFLOPs / image | vs static | PGD | FGSM |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| static model | | {_pct(static['test_top1'])} | | {static['gflops']:.4f} | 1.00 | "
+             f"{_pct(_robust(static, 'pgd'))} | {_pct(_robust(static, 'fgsm'))} |"]
+    curve = sorted((r for r in mia if r["kind"] != "ablation"), key=lambda r: r["target_gflops"] or 0)
+    for row in [*curve, *(r for r in mia if r["kind"] == "ablation")]:
+        name = "all three (demo config)" if row["kind"] == "operating point" else row["budget"].replace("_", " ")
+        target = row["target_gflops"]
+        lines.append(
+            f"| {name} | {target:.4f} ({target / static['gflops']:.2f}) | {_pct(row['test_top1'])} | "
+            f"{100 * (row['test_top1'] - static['test_top1']):+.1f} pts | {row['gflops']:.4f} | "
+            f"{row['gflops_ratio']:.2f} | {_pct(_robust(row, 'pgd'))} | {_pct(_robust(row, 'fgsm'))} |"
+        )
+    return "\n".join([*lines, "", "Each MIA-Former row is its own fit (stages 1-3) from the static "
+                      "checkpoint; PGD and FGSM as in the table above."])
 
 
 # ---------------------------------------------------------------------- figures
@@ -318,11 +423,14 @@ def plot_accuracy(path: Path, rows: list[dict[str, Any]]) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["gflops"], 100 * r["test_top1"]) for r in rows if r["method"] == method)
+        points = sorted((r["gflops"], 100 * r["test_top1"]) for r in rows
+                        if r["method"] == method and r["kind"] != "ablation")
         if method == "static":
             ax.plot(*zip(*points), "k*", ms=14, label="static ViT", zorder=3)
         else:
             ax.plot(*zip(*points), "-o" if len(points) > 1 else "D", ms=4 if len(points) > 1 else 8, label=method)
+    for row, marker in zip((r for r in rows if r["kind"] == "ablation"), "^vs"):
+        ax.plot(row["gflops"], 100 * row["test_top1"], marker, ms=7, label=f"{row['method']} {row['budget'].replace('_', ' ')}")
     ax.set(xlabel="mean GFLOPs per image", ylabel="test top-1 (%)", title="Demo digits: accuracy against compute")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -413,6 +521,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--robust-curve", action="store_true",
                         help="also attack at every curve budget (slow: PGD per budget); default: named budgets only")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes per operating point (median)")
+    parser.add_argument("--mia-variants", action=argparse.BooleanOptionalAction, default=True,
+                        help="MIA-Former at further targets and its Table-2 ablations (default: on)")
+    parser.add_argument("--jobs", type=int, default=2, help="MIA-Former variants fitted at a time (one thread each)")
     return parser.parse_args(argv)
 
 
@@ -429,6 +540,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         static = static or run
         own, methods[run.name] = method_rows(run, static, args.repeats, args.robust_curve)
         rows += own
+    if args.mia_variants and "mia" in methods:
+        main_mia = next(r for r in rows if r["method"] == "mia")
+        rows += mia_variant_rows(main_mia, static, runs, extra("mia"), args.jobs)
     static_val = static.best_val_top1 if static else None
     report = {
         "provenance": {**provenance(argv), "total_minutes": (time.time() - start) / 60},

@@ -145,6 +145,41 @@ def test_write_outputs_tables_and_small_figures(tmp_path: Path) -> None:
     assert (tmp_path / "README_table.md").read_text() == table
 
 
+def test_mia_variants_cover_the_targets_and_the_three_ablations() -> None:
+    variants = results.mia_variants("static.ckpt", 0.02, target=0.016)
+    targets = {name: gflops for name, (kind, gflops, _) in variants.items() if kind == "curve"}
+    assert targets == pytest.approx({f"target_{f}": f * 0.02 for f in results.MIA_TARGETS})
+    ablations = {name: arguments for name, (kind, _, arguments) in variants.items() if kind == "ablation"}
+    assert set(ablations) == {"blocks_only", "heads_only", "tokens_only"}
+    for name, arguments in ablations.items():
+        flags = dict(zip(arguments[::2], arguments[1::2]))  # {"--model.init_args.x": value}
+        assert flags.pop("--model.init_args.init_from") == "static.ckpt"
+        assert flags.pop("--model.init_args.target_gflops") == "0.016"
+        switched_off = {flag.rsplit(".", 1)[1] for flag, value in flags.items() if value == "false"}
+        assert switched_off == {"skip_blocks", "skip_heads", "skip_tokens"} - {f"skip_{name.split('_')[0]}"}
+
+
+def test_mia_table_orders_targets_then_ablations_beside_the_static_model(tmp_path: Path) -> None:
+    report = synthetic_report()
+    report["rows"][-1]["target_gflops"] = 0.0122
+    variant = {"method": "mia", "exit_fractions": {}, "robust": {"pgd_eps0.002": 0.5, "fgsm_eps0.03": 0.2}}
+    report["rows"] += [
+        {**variant, "budget": "target_0.9", "kind": "curve", "target_gflops": 0.0138, "test_top1": 0.80,
+         "gflops": 0.0137, "gflops_ratio": 0.0137 / 0.0153},
+        {**variant, "budget": "target_0.6", "kind": "curve", "target_gflops": 0.0092, "test_top1": 0.70,
+         "gflops": 0.0091, "gflops_ratio": 0.0091 / 0.0153},
+        {**variant, "budget": "heads_only", "kind": "ablation", "target_gflops": 0.0122, "test_top1": 0.75,
+         "gflops": 0.0121, "gflops_ratio": 0.0121 / 0.0153},
+    ]
+    table = results.write_outputs(tmp_path, report)
+    mia = table[table.index("| MIA-Former |"):].splitlines()
+    names = [line.split("|")[1].strip() for line in mia[2:] if line.startswith("| ")]
+    assert names == ["static model", "target 0.6", "all three (demo config)", "target 0.9", "heads only"]
+    assert "| 0.0092 (0.60) | 70.0 % | -8.0 pts | 0.0091 | 0.59 | 50.0 % | 20.0 % |" in mia[3]
+    main = table[:table.index("| MIA-Former |")]
+    assert "target_0.9" not in main and "heads_only" not in main  # only in MIA-Former's table
+
+
 def test_quick_run_of_the_static_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["results.py"])
@@ -157,3 +192,22 @@ def test_quick_run_of_the_static_model(tmp_path: Path, monkeypatch: pytest.Monke
     assert row["images_per_s"] > 0 and set(row["robust"]) == {"pgd_eps0.002", "fgsm_eps0.03"}
     assert (tmp_path / "out" / "accuracy_vs_gflops.png").is_file()
     assert "`static`" in (tmp_path / "out" / "README_table.md").read_text()
+
+
+def test_quick_run_of_mia_former_with_a_further_target_and_an_ablation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["results.py"])
+    monkeypatch.setattr(results, "MIA_TARGETS", (0.6,))
+    monkeypatch.setattr(results, "MIA_ABLATIONS", {"tokens_only": results.MIA_ABLATIONS["tokens_only"]})
+    report = results.main(["--quick", "--only", "mia", "--runs", str(tmp_path / "runs"),
+                           "--out", str(tmp_path / "out"), "--repeats", "1"])
+    rows = {row["budget"]: row for row in report["rows"] if row["method"] == "mia"}
+    assert set(rows) == {"operating point", "target_0.6", "tokens_only"}
+    static_gflops = next(r for r in report["rows"] if r["method"] == "static")["gflops"]
+    assert rows["target_0.6"]["target_gflops"] == pytest.approx(0.6 * static_gflops, rel=1e-5)
+    assert rows["tokens_only"]["target_gflops"] == rows["operating point"]["target_gflops"]
+    for row in rows.values():  # each its own fit, tested with the attacks
+        assert 0 < row["gflops"] and set(row["robust"]) == {"pgd_eps0.002", "fgsm_eps0.03"}
+    assert (tmp_path / "runs" / "demo_mia_target_0.6").is_dir() and (tmp_path / "runs" / "demo_mia_tokens_only").is_dir()
+    assert "| target 0.6 |" in (tmp_path / "out" / "README_table.md").read_text()
