@@ -263,6 +263,23 @@ def test_stage1_reaches_no_skipping_and_equals_the_backbone():
     assert all(torch.equal(v, module.net.backbone.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize("phase, isolated", [("1", True), ("2", False)])
+def test_in_stage1_each_controller_learns_from_its_own_decisions_only(phase, isolated):
+    """Stage 1's "keep" loss of a later block must not reach earlier controllers through the
+    straight-through masks (it pushed them to skip on the demo); co-training keeps that path."""
+    module = lit(stage=1)
+    module.enter_phase(phase)
+    assert module.net.isolate_controllers == isolated
+    module.train()
+    kept = module.net.kept_fractions(module.net.forward_train(_batch(8)[0]).decisions)
+    last_block_loss = (1 - kept.blocks[:, -1]) + (1 - kept.heads[:, -1]) + (1 - kept.tokens[:, -1])
+    last_block_loss.mean().backward()
+    first, last = module.net.controllers[0], module.net.controllers[-1]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in last.parameters())
+    reached_first = any(p.grad is not None and p.grad.abs().sum() > 0 for p in first.parameters())
+    assert reached_first != isolated
+
+
 @pytest.mark.parametrize("side", ["above", "below"])
 def test_stage2_moves_mean_gflops_towards_the_target(side):
     module = lit(stage=2, lr_controller=1e-2, lr_blocks=0.0)

@@ -169,6 +169,7 @@ class MIALitModule(AdaptiveLitModule):
                     inherit_weights(controller, self.hparams.inherit_fraction)
             net.policy_initialised.fill_(True)
         net.train_decisions = "sample" if phase.startswith("3") else "gumbel"
+        net.isolate_controllers = phase == "1"
         self.phase = phase
         self._freeze()
 

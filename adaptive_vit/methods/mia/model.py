@@ -106,6 +106,11 @@ class MIAFormer(AdaptiveNetwork):
         self.gumbel_tau = gumbel_tau
         # how `forward_train` decides: "gumbel" (stages 1-2) or "sample" (A2C, stage 3)
         self.train_decisions = "gumbel"
+        # True in stage 1: each controller learns from its own decisions only. Its input then
+        # carries no gradient back through earlier blocks' straight-through masks; with that path
+        # open, a later controller's "keep" loss pushed earlier controllers to skip (on the demo,
+        # block 2 still skipped 82 % of its tokens after stage 1: docs/performance.md)
+        self.isolate_controllers = False
         # False until stage 3 has re-initialised part of the controllers (A2C weight inheritance);
         # saved, so resuming stage 3 does not re-initialise again
         self.register_buffer("policy_initialised", torch.tensor(False))
@@ -201,7 +206,7 @@ class MIAFormer(AdaptiveNetwork):
                 x = entry(x)
             controller = self.controllers[l]
             H, N = self.heads_per_layer[l], self.tokens_per_layer[l]
-            out = controller(x, with_values=with_values)
+            out = controller(x.detach() if self.isolate_controllers else x, with_values=with_values)
             kinds = ((out.block, (B,)), (out.heads, (B, H)), (out.tokens, (B, N)))  # None: switched off
             b, h, n = (decide(lg, mode, self.gumbel_tau) if lg is not None else ones(shape) for lg, shape in kinds)
             if override is not None:
