@@ -10,7 +10,8 @@ checkpoint), then, per method and per operating point:
 - MIA-Former and the static model: their single operating point; MIA-Former then also at
   further FLOPs targets (`MIA_TARGETS`, fractions of the static model's GFLOPs) and, at the
   demo config's target, with one decision dimension at a time (`MIA_ABLATIONS`, the paper's
-  Table 2), each its own three-stage fit from the static checkpoint, tested with PGD/FGSM;
+  Table 2), and with other seeds (`MIA_SEEDS`), each its own three-stage fit from the static
+  checkpoint, tested with PGD/FGSM;
 
 and times the network's real `forward_adaptive` at those thresholds on the test images in
 batches of 64, interleaved with the static demo model in the same process (median of --repeats),
@@ -59,6 +60,9 @@ QUICK = {  # one short epoch each (MIA-Former: one per stage)
 # MIA-Former's further operating points, each a whole pipeline (stages 1-3) from the static
 # checkpoint: the paper trains one model per target, and stage 1 (target-free) is one epoch.
 MIA_TARGETS = (0.6, 0.7, 0.9)  # fractions of the static GFLOPs; the demo config holds 0.8
+# The demo config again with other seeds: on the demo, co-training's outcome depends on the seed
+# (docs/performance.md, MIA-Former: demo accuracy), so one run's figure comes with two more
+MIA_SEEDS = (1, 2)
 MIA_ABLATIONS = {  # the paper's Table 2: one decision dimension at the demo config's target
     "blocks_only": ["--model.init_args.skip_heads", "false", "--model.init_args.skip_tokens", "false"],
     "heads_only": ["--model.init_args.skip_blocks", "false", "--model.init_args.skip_tokens", "false"],
@@ -261,6 +265,8 @@ def mia_variants(static_checkpoint: str, static_gflops: float, target: float) ->
     variants = {}
     for fraction in MIA_TARGETS:
         variants[f"target_{fraction}"] = ("curve", fraction * static_gflops, [])
+    for seed in MIA_SEEDS:
+        variants[f"seed_{seed}"] = ("seed", target, ["--seed_everything", str(seed)])
     for name, arguments in MIA_ABLATIONS.items():
         variants[name] = ("ablation", target, arguments)
     return {name: (kind, gflops, ["--model.init_args.init_from", static_checkpoint,
@@ -360,7 +366,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         chosen = report["chosen"].get(method)
         for row in own:
             is_chosen = chosen is not None and row["budget"] == chosen
-            if row["kind"] in ("curve", "ablation") and not is_chosen:  # their own figure, MIA-Former's own table
+            if row["kind"] in ("curve", "seed", "ablation") and not is_chosen:  # their own figure, MIA-Former's own table
                 continue
             budget = f"`{row['budget']}`" + (" ★" if is_chosen and row["kind"] != "static" else "")
             lines.append(
@@ -393,9 +399,10 @@ def mia_table(rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|",
              f"| static model | | {_pct(static['test_top1'])} | | {static['gflops']:.4f} | 1.00 | "
              f"{_pct(_robust(static, 'pgd'))} | {_pct(_robust(static, 'fgsm'))} |"]
-    curve = sorted((r for r in mia if r["kind"] != "ablation"), key=lambda r: r["target_gflops"] or 0)
-    for row in [*curve, *(r for r in mia if r["kind"] == "ablation")]:
-        name = "all three (demo config)" if row["kind"] == "operating point" else row["budget"].replace("_", " ")
+    curve = sorted((r for r in mia if r["kind"] in ("operating point", "curve")), key=lambda r: r["target_gflops"] or 0)
+    for row in [*curve, *(r for r in mia if r["kind"] == "seed"), *(r for r in mia if r["kind"] == "ablation")]:
+        name = {"operating point": "all three (demo config)",
+                "seed": f"all three, {row['budget'].replace('_', ' ')}"}.get(row["kind"], row["budget"].replace("_", " "))
         target = row["target_gflops"]
         lines.append(
             f"| {name} | {target:.4f} ({target / static['gflops']:.2f}) | {_pct(row['test_top1'])} | "
@@ -424,11 +431,15 @@ def plot_accuracy(path: Path, rows: list[dict[str, Any]]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r["gflops"], 100 * r["test_top1"]) for r in rows
-                        if r["method"] == method and r["kind"] != "ablation")
+                        if r["method"] == method and r["kind"] not in ("seed", "ablation"))
         if method == "static":
             ax.plot(*zip(*points), "k*", ms=14, label="static ViT", zorder=3)
         else:
             ax.plot(*zip(*points), "-o" if len(points) > 1 else "D", ms=4 if len(points) > 1 else 8, label=method)
+    seeds = [r for r in rows if r["kind"] == "seed"]
+    if seeds:
+        ax.plot([r["gflops"] for r in seeds], [100 * r["test_top1"] for r in seeds], "x", color="grey", ms=7,
+                label=f"{seeds[0]['method']}, other seeds")
     for row, marker in zip((r for r in rows if r["kind"] == "ablation"), "^vs"):
         ax.plot(row["gflops"], 100 * row["test_top1"], marker, ms=7, label=f"{row['method']} {row['budget'].replace('_', ' ')}")
     ax.set(xlabel="mean GFLOPs per image", ylabel="test top-1 (%)", title="Demo digits: accuracy against compute")

@@ -145,10 +145,16 @@ def test_write_outputs_tables_and_small_figures(tmp_path: Path) -> None:
     assert (tmp_path / "README_table.md").read_text() == table
 
 
-def test_mia_variants_cover_the_targets_and_the_three_ablations() -> None:
+def test_mia_variants_cover_the_targets_the_seeds_and_the_three_ablations() -> None:
     variants = results.mia_variants("static.ckpt", 0.02, target=0.016)
     targets = {name: gflops for name, (kind, gflops, _) in variants.items() if kind == "curve"}
     assert targets == pytest.approx({f"target_{f}": f * 0.02 for f in results.MIA_TARGETS})
+    seeds = {name: arguments for name, (kind, _, arguments) in variants.items() if kind == "seed"}
+    assert set(seeds) == {f"seed_{seed}" for seed in results.MIA_SEEDS} and len(seeds) >= 2
+    for name, arguments in seeds.items():  # the demo config at its own target, another seed
+        flags = dict(zip(arguments[::2], arguments[1::2]))
+        assert flags == {"--model.init_args.init_from": "static.ckpt", "--model.init_args.target_gflops": "0.016",
+                         "--seed_everything": name.split("_")[1]}
     ablations = {name: arguments for name, (kind, _, arguments) in variants.items() if kind == "ablation"}
     assert set(ablations) == {"blocks_only", "heads_only", "tokens_only"}
     for name, arguments in ablations.items():
@@ -159,7 +165,7 @@ def test_mia_variants_cover_the_targets_and_the_three_ablations() -> None:
         assert switched_off == {"skip_blocks", "skip_heads", "skip_tokens"} - {f"skip_{name.split('_')[0]}"}
 
 
-def test_mia_table_orders_targets_then_ablations_beside_the_static_model(tmp_path: Path) -> None:
+def test_mia_table_orders_targets_then_seeds_then_ablations_beside_the_static_model(tmp_path: Path) -> None:
     report = synthetic_report()
     report["rows"][-1]["target_gflops"] = 0.0122
     variant = {"method": "mia", "exit_fractions": {}, "robust": {"pgd_eps0.002": 0.5, "fgsm_eps0.03": 0.2}}
@@ -168,16 +174,19 @@ def test_mia_table_orders_targets_then_ablations_beside_the_static_model(tmp_pat
          "gflops": 0.0137, "gflops_ratio": 0.0137 / 0.0153},
         {**variant, "budget": "target_0.6", "kind": "curve", "target_gflops": 0.0092, "test_top1": 0.70,
          "gflops": 0.0091, "gflops_ratio": 0.0091 / 0.0153},
+        {**variant, "budget": "seed_1", "kind": "seed", "target_gflops": 0.0122, "test_top1": 0.78,
+         "gflops": 0.0123, "gflops_ratio": 0.0123 / 0.0153},
         {**variant, "budget": "heads_only", "kind": "ablation", "target_gflops": 0.0122, "test_top1": 0.75,
          "gflops": 0.0121, "gflops_ratio": 0.0121 / 0.0153},
     ]
     table = results.write_outputs(tmp_path, report)
     mia = table[table.index("| MIA-Former |"):].splitlines()
     names = [line.split("|")[1].strip() for line in mia[2:] if line.startswith("| ")]
-    assert names == ["static model", "target 0.6", "all three (demo config)", "target 0.9", "heads only"]
+    assert names == ["static model", "target 0.6", "all three (demo config)", "target 0.9", "all three, seed 1",
+                     "heads only"]
     assert "| 0.0092 (0.60) | 70.0 % | -8.0 pts | 0.0091 | 0.59 | 50.0 % | 20.0 % |" in mia[3]
     main = table[:table.index("| MIA-Former |")]
-    assert "target_0.9" not in main and "heads_only" not in main  # only in MIA-Former's table
+    assert "target_0.9" not in main and "seed_1" not in main and "heads_only" not in main  # MIA-Former's table
 
 
 def test_quick_run_of_the_static_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,6 +208,7 @@ def test_quick_run_of_mia_former_with_a_further_target_and_an_ablation(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["results.py"])
     monkeypatch.setattr(results, "MIA_TARGETS", (0.6,))
+    monkeypatch.setattr(results, "MIA_SEEDS", ())
     monkeypatch.setattr(results, "MIA_ABLATIONS", {"tokens_only": results.MIA_ABLATIONS["tokens_only"]})
     report = results.main(["--quick", "--only", "mia", "--runs", str(tmp_path / "runs"),
                            "--out", str(tmp_path / "out"), "--repeats", "1"])
